@@ -1,0 +1,732 @@
+"""
+BlurDM: a blur diffusion model for image deblurring, in one file.
+
+Paper: J.-T. He, F.-J. Tsai, Y.-T. Peng, M.-H. Chen, C.-W. Lin, Y.-Y. Lin, "BlurDM: A Blur Diffusion Model for
+Image Deblurring", NeurIPS 2025, arXiv:2512.03979. Official code: github.com/Jin-Ting-He/BlurDM (MIMO-UNet+).
+
+Motion blur is light integrated over a growing exposure. BlurDM's forward process adds that light (a blur residual)
+and Gaussian noise step by step, so a sharp image diffuses into "blurred + noise"; the reverse process removes both.
+It runs on a 256-d latent vector and its output, a sharp prior, modulates the decoder of a MIMO-UNet deblurrer.
+
+Time steps run t = 1..T as in the paper. Every schedule tensor has length T + 1 and index 0 is the sharp state.
+
+    code             paper        meaning
+    alpha[t]         α_t          exposure length after step t (α_0 < α_1 < ... < α_T)
+    beta[t]          β_t          noise scale of step t (beta[0] = 0, unused)
+    beta_bar[t]      β̄_t          total noise: I_t = B_t + β̄_t ε
+    B[t]             B_t          image exposed for α_t (B_0 sharp, B_T blurred), linear light
+    e[t]             e_t          blur residual: light gathered between α_{t-1} and α_t (e[0] = 0)
+    x_t              I_t, Z_t     diffusion state, pixels or a latent vector
+    eps              ε            standard Gaussian noise
+    e_hat, eps_hat   ê_t, ε̂_t     outputs of the blur and noise residual estimators
+    z_sharp          Z^S          sharp encoder latent SE(blur, sharp): the stage-2 target
+    z_blur           Z^B          blur encoder latent BE(blur, blur): start point and condition c
+    prior            Z_0^B        end of the reverse chain, fused into the deblurrer
+
+Sections, in reading order:
+    1. Config                BlurDMConfig and its presets
+    2. Blur formation        camera shake -> exposure sequence B_0..B_T, synthetic training pairs   (BLURDM.md §1)
+    3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop                  (§2-3)
+    4. Latent prior          encoder, residual estimators, prior fusion module                      (§4)
+    5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level          (§5)
+    6. The full model        BlurDM: the three training stages, losses, deblur()                    (§6)
+    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                            (§8)
+    8. Files                 checkpoints and images
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class BlurDMConfig:
+    # deblurring network: MIMO-UNet+ by default (the paper's "MIMO-UNet" row)
+    width: int = 32  # channels at full resolution; 2x and 4x at the 1/2 and 1/4 scales
+    num_res: int = 20  # residual blocks per encoder and decoder stage (MIMO-UNet: 8)
+    dropout: float = 0.1  # Dropout2d on the two feature-fusion outputs (MIMO-UNet+ only)
+    prior: bool = True  # False: the backbone alone, the paper's baseline
+    # latent prior (official LE_arch and estimators)
+    latent_dim: int = 256
+    encoder_width: int = 64
+    encoder_blocks: int = 6
+    estimator_layers: int = 6
+    # blur diffusion schedule
+    T: int = 5
+    alpha_start: float = 1.0
+    alpha_end: float = 2.0
+    beta_start: float = 0.0
+    beta_end: float = 0.02
+    beta_bar_rule: str = "paper"  # "paper": Σ (α_i/α_t)² β_i²; "official": the official code's variant
+    # losses
+    fft_weight: float = 0.1
+    charbonnier_eps: float = 1e-3
+    prior_loss: str = "l1"  # "l1" as in the paper, "charbonnier" as in the official code
+    # training recipe (used by train.py; not part of the weights)
+    crop: int = 256
+    batch_size: int = 20
+    lr: float = 1e-4
+    lr_min: float = 1e-6
+    stage_epochs: tuple = (3000, 500, 3000)
+    seed: int = 2023
+
+    def __post_init__(self):
+        self.stage_epochs = tuple(self.stage_epochs)
+        if self.beta_bar_rule not in ("paper", "official"):
+            raise ValueError(f"beta_bar_rule must be 'paper' or 'official', not {self.beta_bar_rule!r}")
+        if self.prior_loss not in ("l1", "charbonnier"):
+            raise ValueError(f"prior_loss must be 'l1' or 'charbonnier', not {self.prior_loss!r}")
+        if self.alpha_start <= 0 or self.alpha_end <= self.alpha_start:
+            raise ValueError("the exposure schedule needs 0 < alpha_start < alpha_end (the reverse step divides by α)")
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {', '.join(unknown)}")
+        return cls(**d)
+
+    def weight_fields_differing_from(self, other):
+        """Names of the fields that change the model (not the training recipe) and differ between two configs."""
+        return [f.name for f in fields(self)
+                if f.name not in RECIPE_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
+
+
+RECIPE_FIELDS = ("crop", "batch_size", "lr", "lr_min", "stage_epochs", "seed")
+
+PRESETS = {
+    "paper": {},  # MIMO-UNet+ + BlurDM, the official recipe
+    "mimo-unet": dict(num_res=8, dropout=0.0),
+    "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16, encoder_blocks=1,
+                 crop=64, batch_size=4, lr=1e-3, stage_epochs=(2, 1, 2)),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Blur formation (BLURDM.md §1): a camera integrates light while the shutter is open
+
+
+def srgb_to_linear(x):
+    x = x.clamp(0, 1)  # IEC 61966-2-1
+    return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x):
+    x = x.clamp(0, 1)
+    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)
+
+
+def camera_shake(num_subframes=40, length=20.0, rotation=0.0, zoom=0.0, generator=None):
+    """
+    A random camera-shake path, after Boracchi & Foi (2012): a random walk whose velocity has momentum.
+    Returns (N, 4) float64, one row per sub-frame: shift dx, dy in pixels, rotation in radians, log zoom.
+    `length` is the path length in pixels; `rotation` (degrees) and `zoom` (relative) are the total change over
+    the exposure, which makes the blur vary across the image. The middle sub-frame is the identity, so it is the
+    sharp image itself (GoPro's convention).
+    """
+    n = num_subframes
+    accel = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    velocity = torch.zeros(n, 2, dtype=torch.float64)
+    v = torch.randn(2, generator=generator, dtype=torch.float64)
+    for k in range(n):
+        v = 0.8 * v + 0.6 * accel[k]  # momentum keeps the path smooth; fresh acceleration makes it wander
+        velocity[k] = v
+    position = torch.cumsum(velocity, 0)
+    travelled = (position[1:] - position[:-1]).norm(dim=1).sum().clamp(min=1e-12)
+    position = position * (length / travelled)
+    ramp = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
+    path = torch.cat([position, (math.radians(rotation) * ramp)[:, None], (math.log1p(zoom) * ramp)[:, None]], 1)
+    return path - path[n // 2]
+
+
+def warp(image, dx, dy, angle, log_zoom):
+    """Resample (B, C, H, W) moved by (dx, dy) pixels, rotated and zoomed about the centre (bilinear)."""
+    _, _, H, W = image.shape
+    s = math.exp(log_zoom)
+    cos, sin = s * math.cos(angle), s * math.sin(angle)
+    # the affine map in pixel units, rescaled to grid_sample's [-1, 1] coordinates on a non-square image
+    theta = torch.tensor([[cos, -sin * H / W, 2 * dx / W], [sin * W / H, cos, 2 * dy / H]],
+                         dtype=image.dtype, device=image.device)
+    grid = F.affine_grid(theta.expand(image.shape[0], 2, 3), list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def render_exposures(sharp, path, alpha):
+    """
+    Blur formation (BLURDM.md §1). Moves `sharp` (B, 3, H, W, sRGB in [0, 1]) along `path` (N, 4) and integrates
+    the scene radiance H(τ) in linear light. Sub-frame k lights the time interval [k, k+1) · α_T / N.
+    Returns B and e, each (T+1, B, 3, H, W) in linear light:
+        B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ          the image exposed for α_t
+        e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ          the blur residual (e[0] = 0)
+    Both integrals are exact for the piecewise-constant H, partial sub-frames weighted by their overlap.
+    """
+    alpha = torch.as_tensor(alpha, dtype=torch.float64)
+    n = path.shape[0]
+    tau = alpha * n / alpha[-1]  # exposure ends in units of sub-frames
+    k = torch.arange(n, dtype=torch.float64)
+
+    def overlap(start, end):  # (T+1, N) length of [start, end) ∩ [k, k+1)
+        return (torch.minimum(end[:, None], k + 1) - torch.maximum(start[:, None], k)).clamp(min=0)
+
+    dtau = alpha[-1] / n
+    exposure_weight = (overlap(torch.zeros_like(tau), tau) * dtau).to(sharp)  # (T+1, N)
+    residual_weight = (overlap(torch.cat([tau[:1], tau[:-1]]), tau) * dtau).to(sharp)  # row 0 is empty
+    radiance = srgb_to_linear(sharp)
+    integral = torch.zeros(len(alpha), *sharp.shape, dtype=sharp.dtype, device=sharp.device)  # ∫_0^{α_t} H
+    e = torch.zeros_like(integral)
+    for j in range(n):
+        frame = warp(radiance, *path[j].tolist())
+        integral += exposure_weight[:, j].view(-1, 1, 1, 1, 1) * frame
+        e += residual_weight[:, j].view(-1, 1, 1, 1, 1) * frame
+    B = integral / alpha.to(sharp).view(-1, 1, 1, 1, 1)
+    return B, e
+
+
+def synthesize_blur(sharp, generator=None, length=(4.0, 30.0), subframes=40, max_rotation=2.0, max_zoom=0.02,
+                    noise=(0.0, 0.01)):
+    """
+    A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera-shake path
+    (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
+    re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
+    """
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+    varying = torch.rand((), generator=generator).item() < 0.5
+    path = camera_shake(subframes, uniform(*length), uniform(-max_rotation, max_rotation) * varying,
+                        uniform(-max_zoom, max_zoom) * varying, generator=generator)
+    B, _ = render_exposures(sharp[None], path, alpha=(1.0,))  # one exposure window: the whole path
+    blurry = linear_to_srgb(B[-1, 0])
+    blurry = blurry + uniform(*noise) * torch.randn(blurry.shape, generator=generator).to(blurry)
+    return (blurry.clamp(0, 1) * 255).round() / 255
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Blur diffusion (BLURDM.md §2-3), on tensors of any shape
+
+
+def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
+    """α_0..α_T, β_0..β_T (β_0 = 0) and β̄_0..β̄_T, in float64."""
+    alpha = torch.linspace(alpha_start, alpha_end, T + 1, dtype=torch.float64)
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(beta_start, beta_end, T, dtype=torch.float64)])
+    beta_bar = torch.zeros(T + 1, dtype=torch.float64)
+    for t in range(1, T + 1):
+        i = torch.arange(1, t + 1)
+        if rule == "paper":  # Var(I_t) from the per-step rule: α_t² Var_t = α_{t-1}² Var_{t-1} + α_t² β_t²
+            beta_bar[t] = ((alpha[i] / alpha[t]) ** 2 * beta[i] ** 2).sum().sqrt()
+        else:  # the official code: α shifted by one and β not squared
+            beta_bar[t] = ((alpha[i - 1] / alpha[t]) ** 2 * beta[i]).sum().sqrt()
+    return alpha, beta, beta_bar
+
+
+class BlurDiffusion(nn.Module):
+    """Dual noise and blur diffusion (forward) and dual denoising and deblurring (reverse)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.T = cfg.T
+        alpha, beta, beta_bar = blur_schedule(cfg.T, cfg.alpha_start, cfg.alpha_end, cfg.beta_start, cfg.beta_end,
+                                              cfg.beta_bar_rule)
+        # derived from the config, so kept out of the checkpoint
+        self.register_buffer("alpha", alpha.float(), persistent=False)
+        self.register_buffer("beta", beta.float(), persistent=False)
+        self.register_buffer("beta_bar", beta_bar.float(), persistent=False)
+
+    def q_step(self, x_prev, t, e_t, eps):
+        """One forward step: I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
+        a = self.alpha
+        return a[t - 1] / a[t] * x_prev + e_t / a[t] + self.beta[t] * eps
+
+    def q_sample(self, B_t, t, eps):
+        """Closed form of q(I_t | I_0): I_t = B_t + β̄_t ε."""
+        return B_t + self.beta_bar[t] * eps
+
+    def p_sample(self, x_t, t, e_hat, eps_hat):
+        """One reverse step: I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t. No fresh noise."""
+        a, bb = self.alpha, self.beta_bar
+        return (a[t] * x_t - e_hat) / a[t - 1] - (a[t] * bb[t] / a[t - 1] - bb[t - 1]) * eps_hat
+
+    def p_sample_loop(self, x_T, c, blur_estimator, noise_estimator):
+        """The reverse chain t = T..1. Each estimator is called as estimator(x_t, t / T, c)."""
+        x_t = x_T
+        for t in range(self.T, 0, -1):
+            t_frac = torch.full((x_t.shape[0], 1), t / self.T, dtype=x_t.dtype, device=x_t.device)
+            x_t = self.p_sample(x_t, t, blur_estimator(x_t, t_frac, c), noise_estimator(x_t, t_frac, c))
+        return x_t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Latent prior networks (BLURDM.md §4)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, channels, batch_norm):
+        super().__init__()
+        norm = (lambda: nn.BatchNorm2d(channels)) if batch_norm else nn.Identity
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), norm(), nn.LeakyReLU(0.1),
+                                  nn.Conv2d(channels, channels, 3, padding=1), norm())
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class LatentEncoder(nn.Module):
+    """
+    Two images -> one latent vector (the official LE_arch). Used twice: as the sharp encoder SE(blur, sharp), with
+    BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs need H and W divisible by 4.
+    """
+
+    def __init__(self, cfg, batch_norm):
+        super().__init__()
+        w, d = cfg.encoder_width, cfg.latent_dim
+        lrelu = lambda: nn.LeakyReLU(0.1)
+        self.stem = nn.Sequential(nn.Conv2d(2 * 48, w, 3, padding=1), lrelu())
+        self.blocks = nn.Sequential(*[EncoderBlock(w, batch_norm) for _ in range(cfg.encoder_blocks)])
+        self.head = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, padding=1), lrelu(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), lrelu(),
+            nn.Conv2d(2 * w, d, 3, padding=1), lrelu(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(d, d), lrelu(), nn.Linear(d, d), lrelu())
+
+    def forward(self, x, y):
+        h = torch.cat([F.pixel_unshuffle(x, 4), F.pixel_unshuffle(y, 4)], 1)  # (B, 96, H/4, W/4)
+        return self.head(self.blocks(self.stem(h)))  # (B, latent_dim)
+
+
+class ResidualEstimator(nn.Module):
+    """
+    The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an MLP on
+    concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only time embedding (official).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.latent_dim
+        layers = [nn.Linear(2 * d + 1, d), nn.LeakyReLU(0.1)]
+        for _ in range(cfg.estimator_layers - 1):
+            layers += [nn.Linear(d, d), nn.LeakyReLU(0.1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x_t, t_frac, c):
+        return self.net(torch.cat([c, t_frac, x_t], 1))  # (B, 2d + 1) -> (B, d)
+
+
+class PriorFusion(nn.Module):
+    """Prior fusion module: features · k + v, with (k, v) a bias-free linear map of the prior (no "+1" on k)."""
+
+    def __init__(self, latent_dim, channels):
+        super().__init__()
+        self.to_scale_shift = nn.Linear(latent_dim, 2 * channels, bias=False)
+
+    def forward(self, x, prior):
+        k, v = self.to_scale_shift(prior)[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+        return x * k + v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021) with a prior fusion module per decoder level
+
+
+def conv(c_in, c_out, kernel, stride=1, relu=True, transpose=False):
+    """MIMO-UNet's BasicConv (no normalisation): a conv, or a transposed conv for x2 upsampling, then ReLU."""
+    if transpose:
+        layer = nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding=kernel // 2 - 1)
+    else:
+        layer = nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2)
+    return nn.Sequential(layer, nn.ReLU(inplace=True)) if relu else layer
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(conv(channels, channels, 3), conv(channels, channels, 3, relu=False))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ShallowConv(nn.Module):
+    """SCM: features for a downscaled input image, which keeps its 3 channels alongside."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c = channels
+        self.body = nn.Sequential(conv(3, c // 4, 3), conv(c // 4, c // 2, 1), conv(c // 2, c // 2, 3),
+                                  conv(c // 2, c - 3, 1))
+        self.out = conv(c, c, 1, relu=False)
+
+    def forward(self, image):
+        return self.out(torch.cat([image, self.body(image)], 1))
+
+
+class FeatureAttention(nn.Module):
+    """FAM: x + conv(x ⊙ z), merging encoder features x with the shallow features z of the scaled input."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.merge = conv(channels, channels, 3, relu=False)
+
+    def forward(self, x, z):
+        return x + self.merge(x * z)
+
+
+class FeatureFusion(nn.Module):
+    """AFF: the encoder features of all three scales, resampled to one scale, mixed into one skip connection."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(conv(c_in, c_out, 1), conv(c_out, c_out, 3, relu=False))
+
+    def forward(self, *features):
+        return self.body(torch.cat(features, 1))
+
+
+class MIMOUNet(nn.Module):
+    """
+    MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output, three scales.
+    Input (B, 3, H, W) in [-0.5, 0.5] with H, W divisible by 4; returns the restored image at 1/4, 1/2 and full
+    scale, each the network's residual added to the equally scaled input. With cfg.prior the prior fusion modules
+    modulate the input of each decoder stage; without, the network is the plain backbone.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        c, n = cfg.width, cfg.num_res
+        stage = lambda ch: nn.Sequential(*[ResBlock(ch) for _ in range(n)])
+        self.stem = conv(3, c, 3)
+        self.encoders = nn.ModuleList([stage(c), stage(2 * c), stage(4 * c)])
+        self.down = nn.ModuleList([conv(c, 2 * c, 3, stride=2), conv(2 * c, 4 * c, 3, stride=2)])
+        self.shallow = nn.ModuleList([ShallowConv(2 * c), ShallowConv(4 * c)])
+        self.attention = nn.ModuleList([FeatureAttention(2 * c), FeatureAttention(4 * c)])
+        self.fusion = nn.ModuleList([FeatureFusion(7 * c, c), FeatureFusion(7 * c, 2 * c)])
+        self.dropout = nn.Dropout2d(cfg.dropout)
+        self.decoders = nn.ModuleList([stage(4 * c), stage(2 * c), stage(c)])
+        self.up = nn.ModuleList([conv(4 * c, 2 * c, 4, stride=2, transpose=True),
+                                 conv(2 * c, c, 4, stride=2, transpose=True)])
+        self.squeeze = nn.ModuleList([conv(4 * c, 2 * c, 1), conv(2 * c, c, 1)])
+        self.to_image = nn.ModuleList([conv(4 * c, 3, 3, relu=False), conv(2 * c, 3, 3, relu=False),
+                                       conv(c, 3, 3, relu=False)])
+        self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch) for ch in (4 * c, 2 * c, c)]) \
+            if cfg.prior else None
+
+    def decode(self, level, x, prior):
+        if self.prior_fusion is not None:
+            x = self.prior_fusion[level](x, prior)
+        return self.decoders[level](x)
+
+    def forward(self, x, prior=None):
+        half = lambda t: F.interpolate(t, scale_factor=0.5)  # nearest, as everywhere inside MIMO-UNet
+        double = lambda t: F.interpolate(t, scale_factor=2.0)
+        x2, x4 = half(x), half(half(x))
+        f1 = self.encoders[0](self.stem(x))  # (B, c, H, W)
+        f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # (B, 2c, H/2, W/2)
+        f3 = self.encoders[2](self.attention[1](self.down[1](f2), self.shallow[1](x4)))  # (B, 4c, H/4, W/4)
+        skip2 = self.dropout(self.fusion[1](half(f1), f2, double(f3)))
+        skip1 = self.dropout(self.fusion[0](f1, double(f2), double(double(f3))))
+
+        z = self.decode(0, f3, prior)
+        out4 = self.to_image[0](z) + x4
+        z = self.decode(1, self.squeeze[0](torch.cat([self.up[0](z), skip2], 1)), prior)
+        out2 = self.to_image[1](z) + x2
+        z = self.decode(2, self.squeeze[1](torch.cat([self.up[1](z), skip1], 1)), prior)
+        out1 = self.to_image[2](z) + x
+        return [out4, out2, out1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The full model (BLURDM.md §4-6)
+
+
+def charbonnier(x, y, eps):
+    return torch.sqrt((x - y) ** 2 + eps ** 2).mean()
+
+
+def spectrum(x):
+    return torch.view_as_real(torch.fft.rfft2(x))  # 2-D real FFT, real and imaginary parts stacked
+
+
+def deblur_loss(outputs, sharp, cfg):
+    """MIMO-UNet's loss: Σ_s Charbonnier(out_s, sharp_s) + 0.1 Σ_s Charbonnier(FFT out_s, FFT sharp_s)."""
+    targets = [F.interpolate(sharp, scale_factor=0.25, mode="bilinear"),
+               F.interpolate(sharp, scale_factor=0.5, mode="bilinear"), sharp]
+    content = frequency = 0.0
+    for out, target in zip(outputs, targets):
+        out = out.clamp(0, 1)
+        content = content + charbonnier(out, target, cfg.charbonnier_eps)
+        frequency = frequency + charbonnier(spectrum(out), spectrum(target), cfg.charbonnier_eps)
+    return content + cfg.fft_weight * frequency
+
+
+def prior_loss(prior, target, cfg):
+    """Stage 2: ‖Z_0^B - Z^S‖₁ (paper) or its Charbonnier form (official code)."""
+    if cfg.prior_loss == "l1":
+        return F.l1_loss(prior, target)
+    return charbonnier(prior, target, cfg.charbonnier_eps)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable BlurDM checkpoint; the message names the file and the problem."""
+
+
+class BlurDM(nn.Module):
+    """
+    Latent BlurDM on a MIMO-UNet deblurrer. Images enter and leave in [0, 1]; inside, they are shifted to
+    [-0.5, 0.5]. Training stages (BLURDM.md §6):
+        1. prior = SE(blur, sharp); train SE and the deblurrer with the deblurring loss;
+        2. prior = chain(BE(blur)), target = SE(blur, sharp) with SE frozen; train BE and both estimators;
+        3. prior = chain(BE(blur)); train BE, the estimators and the deblurrer with the deblurring loss.
+    """
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or BlurDMConfig()
+        self.deblurrer = MIMOUNet(cfg)
+        if cfg.prior:
+            self.sharp_encoder = LatentEncoder(cfg, batch_norm=True)
+            self.blur_encoder = LatentEncoder(cfg, batch_norm=False)
+            self.blur_estimator = ResidualEstimator(cfg)
+            self.noise_estimator = ResidualEstimator(cfg)
+            self.diffusion = BlurDiffusion(cfg)
+
+    def blur_prior(self, blur, eps=None):
+        """Z_0^B: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B. `blur` is in [-0.5, 0.5]."""
+        z_blur = self.blur_encoder(blur, blur)  # (B, d)
+        if eps is None:
+            eps = torch.randn_like(z_blur)
+        x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps)
+        return self.diffusion.p_sample_loop(x_T, z_blur, self.blur_estimator, self.noise_estimator)
+
+    def forward(self, blur, sharp=None, stage=3, eps=None):
+        """
+        blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4.
+        Stages 1 and 3 (and a model without prior) return the deblurred images at 1/4, 1/2 and full scale;
+        stage 2 returns (prior, target), the chain's output and the sharp encoder's latent.
+        """
+        if blur.shape[-1] % 4 or blur.shape[-2] % 4:
+            raise ValueError(f"H and W must be divisible by 4, got {tuple(blur.shape[-2:])}; deblur() pads for you")
+        x = blur - 0.5
+        prior = None
+        if self.cfg.prior:
+            if stage == 1:
+                prior = self.sharp_encoder(x, sharp - 0.5)
+            else:
+                prior = self.blur_prior(x, eps)
+            if stage == 2:
+                with torch.no_grad():
+                    target = self.sharp_encoder(x, sharp - 0.5)
+                return prior, target
+        return [out + 0.5 for out in self.deblurrer(x, prior)]
+
+    def loss(self, blur, sharp, stage=3):
+        if self.cfg.prior and stage == 2:
+            return prior_loss(*self(blur, sharp, stage=2), self.cfg)
+        return deblur_loss(self(blur, sharp, stage=stage), sharp, self.cfg)
+
+    def set_stage(self, stage):
+        """Put the model in training mode for a stage; returns the parameters that stage optimises."""
+        parts = {1: ["sharp_encoder", "deblurrer"],
+                 2: ["blur_encoder", "blur_estimator", "noise_estimator"],
+                 3: ["blur_encoder", "blur_estimator", "noise_estimator", "deblurrer"]}
+        if stage not in parts:
+            raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
+        trained = parts[stage] if self.cfg.prior else ["deblurrer"]
+        self.train()
+        for name, module in self.named_children():
+            module.requires_grad_(name in trained)
+            if name not in trained:
+                module.eval()  # the frozen sharp encoder of stage 2 keeps its BatchNorm statistics
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def start_noise(self, n, seed, device):
+        """ε for x_T: one draw from `seed`, shared by the batch, so a batch gives what one image at a time gives."""
+        eps = torch.randn(self.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
+        return eps.expand(n, -1).to(device)
+
+    @torch.inference_mode()
+    def prior_for(self, blurry, seed=2023):
+        """The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior)."""
+        if not self.cfg.prior:
+            return None
+        x = pad_to_multiple(blurry, 8) - 0.5
+        return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device).to(x.dtype))
+
+    @torch.inference_mode()
+    def deblur(self, blurry, seed=2023, prior=None):
+        """
+        Inference: (B, 3, H, W) in [0, 1], any H and W -> the sharp estimate, same shape, in [0, 1]. The input is
+        padded to a multiple of 8 (reflect) and the output cropped back. All T steps run; `seed` fixes ε
+        (official: 2023). Pass `prior` to reuse one computed on a whole image, for instance when tiling.
+        """
+        was_training = self.training
+        self.eval()
+        H, W = blurry.shape[-2:]
+        if prior is None:
+            prior = self.prior_for(blurry, seed)
+        x = pad_to_multiple(blurry, 8) - 0.5
+        out = self.deblurrer(x, prior)[-1][..., :H, :W] + 0.5
+        self.train(was_training)
+        return out.clamp(0, 1)
+
+    # checkpoints
+    def save(self, path, **extra):
+        """Write config + weights (+ anything in `extra`) atomically: a temp file, then a rename."""
+        checkpoint = {"format": "blurdm", "config": asdict(self.cfg), "model": self.state_dict(), **extra}
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        checkpoint = load_checkpoint(path, map_location)
+        model = cls(BlurDMConfig.from_dict(checkpoint["config"]))
+        model.load_weights(checkpoint, path)
+        return model.eval()
+
+    def load_weights(self, checkpoint, path="checkpoint"):
+        """Load the weights of a checkpoint dict (see load_checkpoint) whose config must match this model's."""
+        stored = BlurDMConfig.from_dict(checkpoint["config"])
+        differing = stored.weight_fields_differing_from(self.cfg)
+        if differing:
+            detail = ", ".join(f"{k} {getattr(stored, k)!r} vs {getattr(self.cfg, k)!r}" for k in differing)
+            raise CheckpointError(f"{path}: saved with another config ({detail})")
+        try:
+            self.load_state_dict(checkpoint["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not match its config ({str(err).splitlines()[0]})") from None
+
+
+def pad_to_multiple(x, multiple):
+    """Pad the bottom and right of (B, C, H, W) to a multiple: reflect, or replicate where the image is too small."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Metrics (BLURDM.md §8): on uint8-rounded RGB, full image, no border crop
+
+
+def to_uint8(x):
+    """[0, 1] float -> uint8, rounded: what a saved PNG holds and what the paper's metrics see."""
+    return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def psnr(x, y):
+    """PSNR in dB between two uint8 RGB images (C, H, W), peak 255; inf when identical."""
+    mse = (x.double() - y.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+SSIM_RECIPE = "3-D SSIM (11x11x11 Gaussian, sigma 1.5, replicate padding; NAFNet ssim3d / MATLAB-equivalent)"
+
+
+def gaussian_window(size=11, sigma=1.5):
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(x, y):
+    """
+    The 3-D SSIM of the BlurDM tables between two uint8 RGB images (C, H, W): the image is one H x W x C volume
+    of floats in [0, 255], filtered by the separable 11x11x11 Gaussian (σ 1.5) with replicate padding of 5 on all
+    three axes ('same' output), C1 = (0.01·255)², C2 = (0.03·255)²; the map is averaged over every voxel.
+    """
+    g = gaussian_window().to(x.device)
+
+    def blur3d(v):  # (1, 1, C, H, W) -> same shape, one axis at a time
+        v = F.pad(v, (5,) * 6, mode="replicate")
+        for shape in ((11, 1, 1), (1, 11, 1), (1, 1, 11)):
+            v = F.conv3d(v, g.view(1, 1, *shape))
+        return v
+
+    x, y = x.double()[None, None], y.double()[None, None]
+    mu_x, mu_y = blur3d(x), blur3d(y)
+    var_x = blur3d(x * x) - mu_x ** 2
+    var_y = blur3d(y * y) - mu_y ** 2
+    cov = blur3d(x * y) - mu_x * mu_y
+    C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
+    return ssim_map.mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Files: checkpoints and images
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True (a checkpoint can never run code), and a one-line error for a bad file."""
+    import pickle
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
+                              "(only weights_only checkpoints are loaded)") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "blurdm" or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
+    try:
+        BlurDMConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
+    return checkpoint
+
+
+def read_image(path, with_alpha=False):
+    """
+    Read an image file as float RGB (3, H, W) in [0, 1], EXIF orientation applied; 8- and 16-bit, grayscale,
+    palette and alpha modes are converted. With with_alpha, returns (rgb, alpha (1, H, W) or None).
+    Raises ValueError naming the file for anything that is not a readable image.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path}: image too large (over Pillow's {Image.MAX_IMAGE_PIXELS * 2:,}-pixel bomb limit)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, SyntaxError, Image.UnidentifiedImageError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale
+        scale = 1.0 if img.mode == "F" else 65535.0
+        gray = torch.from_numpy(np.asarray(img, dtype=np.float32) / scale).clamp(0, 1)
+        rgb, alpha = gray.expand(3, *gray.shape).contiguous(), None
+    else:
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
+        rgb, alpha = tensor[:3], (tensor[3:] if has_alpha else None)
+    return (rgb, alpha) if with_alpha else rgb
+
+
+def write_image(rgb, path, alpha=None):
+    """Write (3, H, W) in [0, 1] (and an optional alpha (1, H, W)) as an 8-bit image; the format follows the suffix."""
+    from PIL import Image
+
+    x = rgb if alpha is None else torch.cat([rgb, alpha.to(rgb)], 0)
+    arr = to_uint8(x.float().cpu()).permute(1, 2, 0).numpy()
+    Image.fromarray(arr, "RGB" if alpha is None else "RGBA").save(path)
