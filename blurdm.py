@@ -570,14 +570,15 @@ class BlurDM(nn.Module):
         padded to a multiple of 8 (reflect) and the output cropped back. All T steps run; `seed` fixes ε
         (official: 2023). Pass `prior` to reuse one computed on a whole image, for instance when tiling.
         """
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
         self.eval()
         H, W = blurry.shape[-2:]
         if prior is None:
             prior = self.prior_for(blurry, seed)
         x = pad_to_multiple(blurry, 8) - 0.5
         out = self.deblurrer(x, prior)[-1][..., :H, :W] + 0.5
-        self.train(was_training)
+        for module, training in modes:
+            module.training = training
         return out.clamp(0, 1)
 
     # checkpoints

@@ -246,6 +246,9 @@ def test_deblur_is_deterministic_given_the_seed_and_leaves_the_model_mode(tiny):
     tiny.train()
     assert torch.equal(tiny.deblur(x, seed=1), tiny.deblur(x, seed=1))
     assert tiny.training
+    tiny.set_stage(2)
+    tiny.deblur(x)
+    assert tiny.blur_encoder.training and not tiny.sharp_encoder.training  # validation keeps SE frozen
     tiny.eval()
     prior = tiny.prior_for(x, seed=1)
     assert prior.shape == (1, 32)

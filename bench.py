@@ -1,0 +1,123 @@
+"""
+Benchmark BlurDM presets: inference time and throughput, the share of time spent in the prior (blur encoder + the
+T reverse steps) against the deblurrer, peak memory, and one training step at the training crop.
+
+    python bench.py                                  # every preset at 256x256 and 1280x720, on the best device
+    python bench.py --presets demo tiny --sizes 1280x720 --device cpu --json bench.json
+
+Each case runs in a fresh process so that its peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+It is a benchmark, not a test: numbers depend on the machine and on whatever else runs on it.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import blurdm
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat):
+    """Best of `repeat` runs after one warm-up, in seconds (the minimum is the least disturbed by other load)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_case(preset, size, device, repeat, train_step, compile_model, channels_last):
+    """Measure one (preset, size) in this process; returns a dict."""
+    device = torch.device(device)
+    H, W = size
+    torch.manual_seed(0)
+    model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(preset)).to(device).eval()
+    x = torch.rand(1, 3, H, W, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if compile_model:
+        model.deblurrer = torch.compile(model.deblurrer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = timed(lambda: model.deblur(x), device, repeat)
+    prior = timed(lambda: model.prior_for(x), device, repeat) if model.cfg.prior else 0.0
+    row = dict(preset=preset, size=f"{W}x{H}", device=str(device), params_M=sum(p.numel() for p in model.parameters()) / 1e6,
+               seconds=total, megapixels_per_s=H * W / 1e6 / total, prior_share=prior / total)
+    if device.type == "cuda":
+        row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        row["peak_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if train_step:
+        cfg = model.cfg
+        crop = cfg.crop
+        batch = torch.rand(cfg.batch_size, 3, crop, crop, device=device), torch.rand(cfg.batch_size, 3, crop, crop, device=device)
+        optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
+
+        def step():
+            loss = model.loss(*batch, stage=3)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        row["train_step_s"] = timed(step, device, max(1, repeat // 2))
+        row["train_batch"] = f"{cfg.batch_size}x{crop}x{crop}"
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(blurdm.PRESETS))
+    parser.add_argument("--sizes", nargs="+", default=["256x256", "1280x720"], help="WxH")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the deblurrer (compile time excluded)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", default="bench.json", help="where to write the table")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
+    args = parser.parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.case:
+        preset, size, train = args.case.split(":")
+        W, H = map(int, size.split("x"))
+        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last)
+        print(json.dumps(row))
+        return
+
+    rows = []
+    for preset in args.presets:
+        for i, size in enumerate(args.sizes):
+            train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
+            cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device,
+                   "--repeat", str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{preset} {size}: failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            train_text = f"{r['train_step_s']:.2f} s ({r['train_batch']})" if "train_step_s" in r else "-"
+            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['params_M']:7.2f} M params | "
+                  f"{r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior {100 * r['prior_share']:4.1f} % | "
+                  f"peak {r['peak_MiB']:7.0f} MiB | train step {train_text}", flush=True)
+    with open(args.json, "w") as f:
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
