@@ -384,14 +384,27 @@ class FeatureAttention(nn.Module):
 
 
 class FeatureFusion(nn.Module):
-    """AFF: the encoder features of all three scales, resampled to one scale, mixed into one skip connection."""
+    """
+    AFF: the encoder features of all three scales, resampled to one scale, mixed into one skip connection:
+    conv3x3(ReLU(conv1x1(concat[f1, f2, f3] at that scale))). Nearest resampling commutes with a 1x1 conv, so each
+    scale is mixed at the smaller of its own size and the target size and only the mixed result is resampled: the
+    same numbers as the concatenation, without building 7c channels at full resolution.
+    """
 
-    def __init__(self, c_in, c_out):
+    def __init__(self, channels, c_out):
         super().__init__()
-        self.body = nn.Sequential(conv(c_in, c_out, 1), conv(c_out, c_out, 3, relu=False))
+        self.channels = channels  # input channels of each scale, e.g. (c, 2c, 4c)
+        self.mix = nn.Conv2d(sum(channels), c_out, 1)
+        self.out = conv(c_out, c_out, 3, relu=False)
 
-    def forward(self, *features):
-        return self.body(torch.cat(features, 1))
+    def forward(self, features, size):
+        h = self.mix.bias.view(1, -1, 1, 1)
+        for f, w in zip(features, self.mix.weight.split(self.channels, dim=1)):
+            if f.shape[-1] > size[-1]:
+                f = F.interpolate(f, size=size)  # nearest downsampling picks pixels: do it before the conv
+            f = F.conv2d(f, w)
+            h = h + (F.interpolate(f, size=size) if f.shape[-1] < size[-1] else f)
+        return self.out(F.relu(h))
 
 
 class MIMOUNet(nn.Module):
@@ -411,7 +424,7 @@ class MIMOUNet(nn.Module):
         self.down = nn.ModuleList([conv(c, 2 * c, 3, stride=2), conv(2 * c, 4 * c, 3, stride=2)])
         self.shallow = nn.ModuleList([ShallowConv(2 * c), ShallowConv(4 * c)])
         self.attention = nn.ModuleList([FeatureAttention(2 * c), FeatureAttention(4 * c)])
-        self.fusion = nn.ModuleList([FeatureFusion(7 * c, c), FeatureFusion(7 * c, 2 * c)])
+        self.fusion = nn.ModuleList([FeatureFusion((c, 2 * c, 4 * c), c), FeatureFusion((c, 2 * c, 4 * c), 2 * c)])
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.decoders = nn.ModuleList([stage(4 * c), stage(2 * c), stage(c)])
         self.up = nn.ModuleList([conv(4 * c, 2 * c, 4, stride=2, transpose=True),
@@ -429,13 +442,12 @@ class MIMOUNet(nn.Module):
 
     def forward(self, x, prior=None):
         half = lambda t: F.interpolate(t, scale_factor=0.5)  # nearest, as everywhere inside MIMO-UNet
-        double = lambda t: F.interpolate(t, scale_factor=2.0)
         x2, x4 = half(x), half(half(x))
         f1 = self.encoders[0](self.stem(x))  # (B, c, H, W)
         f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # (B, 2c, H/2, W/2)
         f3 = self.encoders[2](self.attention[1](self.down[1](f2), self.shallow[1](x4)))  # (B, 4c, H/4, W/4)
-        skip2 = self.dropout(self.fusion[1](half(f1), f2, double(f3)))
-        skip1 = self.dropout(self.fusion[0](f1, double(f2), double(double(f3))))
+        skip2 = self.dropout(self.fusion[1]((f1, f2, f3), f2.shape[-2:]))
+        skip1 = self.dropout(self.fusion[0]((f1, f2, f3), f1.shape[-2:]))
 
         z = self.decode(0, f3, prior)
         out4 = self.to_image[0](z) + x4

@@ -205,6 +205,18 @@ def test_backbones_without_prior_match_mimo_unet_and_mimo_unet_plus():
     assert isinstance(BlurDM(BlurDMConfig.preset("paper")).deblurrer.dropout, torch.nn.Dropout2d)
 
 
+def test_feature_fusion_equals_mixing_the_concatenated_resampled_scales():
+    """AFF mixes each scale before resampling (cheaper); it must equal MIMO-UNet's conv(concat(resampled))."""
+    fusion = blurdm.FeatureFusion((4, 8, 16), 8)
+    g = torch.Generator().manual_seed(13)
+    f1, f2, f3 = (torch.randn(2, c, 4 * s, 5 * s, generator=g) for c, s in ((4, 4), (8, 2), (16, 1)))
+    half = lambda t: F.interpolate(t, scale_factor=0.5)
+    double = lambda t: F.interpolate(t, scale_factor=2.0)
+    for size, resampled in (((16, 20), (f1, double(f2), double(double(f3)))), ((8, 10), (half(f1), f2, double(f3)))):
+        reference = fusion.out(F.relu(fusion.mix(torch.cat(resampled, 1))))
+        assert torch.allclose(fusion((f1, f2, f3), size), reference, atol=1e-5)
+
+
 def test_sharp_encoder_has_batchnorm_and_blur_encoder_does_not():
     model = BlurDM(BlurDMConfig.preset("tiny"))
     has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
