@@ -233,7 +233,7 @@ def test_prior_fusion_is_scale_and_shift_without_plus_one():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="paper, mimo-unet, tiny"):
+    with pytest.raises(ValueError, match="paper, mimo-unet, demo, tiny"):
         BlurDMConfig.preset("huge")
 
 
