@@ -692,12 +692,16 @@ def load_checkpoint(path, map_location="cpu"):
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
-                              "(only weights_only checkpoints are loaded)") from None
-    except Exception:  # garbage bytes surface as any of a dozen exception types
+    except Exception as err:  # garbage bytes surface as any of a dozen exception types
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class or function to import
+            raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
+                                  "(only weights_only checkpoints are loaded)") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "blurdm" or "model" not in checkpoint:
         raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")

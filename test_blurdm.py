@@ -1,20 +1,34 @@
 """
 Tests that pin blurdm.py to the paper (BLURDM.md): schedule values, the physics of blur formation, the forward and
 reverse processes, the architectures' parameter counts, inference at any size, training, checkpoints and metrics.
+Then train.py (data layouts, the three stages, resume, DDP, faults) and sample.py (inputs, outputs, tiling, scoring,
+errors), with the tiny preset and small generated images.
 Run: python -m pytest -q test_blurdm.py
 """
 
+import csv
+import json
 import math
 import os
-import pickle
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import blurdm
+import sample
+import train
 from blurdm import BlurDM, BlurDMConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -375,10 +389,11 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
 
 def test_files_that_are_not_checkpoints_give_one_line_errors(tmp_path, tiny):
     (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "words.pt").write_text("colour me surprised")  # bytes that the unpickler reads as opcodes
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     checkpoint = {"format": "blurdm", "config": {"width": 8, "colour": "red"}, "model": {}}
     torch.save(checkpoint, tmp_path / "future.pt")
-    cases = {"text.pt": "not a PyTorch checkpoint", "other.pt": "not a BlurDM checkpoint",
+    cases = {"text.pt": "not a PyTorch checkpoint", "words.pt": "not a PyTorch checkpoint", "other.pt": "not a BlurDM checkpoint",
              "future.pt": "unknown config fields colour", "missing.pt": "no such checkpoint"}
     for name, message in cases.items():
         with pytest.raises(blurdm.CheckpointError) as err:
@@ -477,3 +492,808 @@ def test_read_image_converts_modes_and_names_bad_files(tmp_path):
     blurdm.write_image(rgb, tmp_path / "out.png", alpha)
     back, back_alpha = blurdm.read_image(tmp_path / "out.png", with_alpha=True)
     assert torch.equal(blurdm.to_uint8(back), blurdm.to_uint8(rgb)) and torch.allclose(back_alpha, alpha)
+
+
+# ==============================================================================================================
+# train.py
+
+
+_TRAIN_REPO = Path(__file__).resolve().parent
+_TRAIN_FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "--val-crop", "32", "--log-every", "1"]
+
+
+@pytest.fixture
+def train_one_thread():
+    """One intra-op thread, as the OMP_NUM_THREADS=1 subprocesses a test compares with: bit-identical sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train_png(path, seed, size=(40, 48)):
+    """A smooth random RGB image (H, W) = size, written as PNG; returns its uint8 array."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((size[0] // 8 + 1, size[1] // 8 + 1, 3))
+    pixels = (np.kron(coarse, np.ones((8, 8, 1)))[:size[0], :size[1]] * 200 + rng.random((*size, 3)) * 55)
+    pixels = pixels.astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def _train_gopro(root, train_sequences=("GOPR0372_07_00", "GOPR0374_11_01"), per_sequence=3, test_per_sequence=1):
+    """A fake GOPRO_Large tree: blurry frames are the sharp frame shifted by a pixel, plus a blur_gamma decoy."""
+    root = Path(root)
+    for split, count in (("train", per_sequence), ("test", test_per_sequence)):
+        for s, sequence in enumerate(train_sequences):
+            for k in range(count):
+                sharp = _train_png(root / split / sequence / "sharp" / f"{k:06d}.png", seed=100 * s + k)
+                Image.fromarray(np.roll(sharp, 1, axis=1)).save(_train_mkdir(root / split / sequence / "blur") / f"{k:06d}.png")
+                Image.fromarray(255 - sharp).save(_train_mkdir(root / split / sequence / "blur_gamma") / f"{k:06d}.png")
+    return root
+
+
+def _train_mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _train_main(argv, monkeypatch):
+    """Run train.main() in this process (no interpreter start-up); signal handlers are restored afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
+    try:
+        train.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _train_cli(argv, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(_TRAIN_REPO / "train.py"), *map(str, argv)], capture_output=True,
+                          text=True, cwd=_TRAIN_REPO, env=env, timeout=120, **kwargs)
+
+
+def _train_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _train_error_line(stderr):
+    """The one error line of a failed run; the tqdm bar (carriage returns) is not part of it."""
+    lines = [l for l in stderr.replace("\r", "\n").splitlines() if l.startswith("train.py: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layouts and pairing
+
+
+def test_train_gopro_tree_pairs_blur_not_blur_gamma_per_sequence(tmp_path):
+    _train_gopro(tmp_path / "GOPRO_Large")
+    layout, splits, problems = train.find_pairs(tmp_path)  # the folder the archive was unpacked into
+    assert layout == "gopro" and problems == []
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "test": 2}
+    for blur, sharp in splits["train"] + splits["test"]:
+        assert Path(blur).parent.name == "blur" and Path(sharp).parent.name == "sharp"
+        assert Path(blur).name == Path(sharp).name and Path(blur).parents[1] == Path(sharp).parents[1]
+
+
+def test_train_pairs_by_name_not_position_and_reports_unmatched(tmp_path):
+    # sorted by position, blur a,b,c would meet sharp b,c,d: pairing by name must give b-b and c-c
+    for name in "abc":
+        _train_png(tmp_path / "blur" / f"{name}.png", seed=ord(name))
+    for name in "bcd":
+        _train_png(tmp_path / "sharp" / f"{name}.png", seed=ord(name))
+    layout, splits, problems = train.find_pairs(tmp_path)
+    assert layout == "paired"
+    assert [(Path(b).name, Path(s).name) for b, s in splits["train"]] == [("b.png", "b.png"), ("c.png", "c.png")]
+    assert len(problems) == 2
+    assert "1 blurry images with no match" in problems[0] and "a" in problems[0]
+    assert "1 sharp images with no match" in problems[1] and "d" in problems[1]
+
+
+def test_train_flat_gopro_and_paired_split_folders(tmp_path):
+    for split in ("train", "test"):
+        for k in range(2):
+            _train_png(tmp_path / "flat" / split / "input" / f"GOPR0001-{k:06d}.png", seed=k)
+            _train_png(tmp_path / "flat" / split / "target" / f"GOPR0001-{k:06d}.png", seed=k)
+            _train_png(tmp_path / "paired" / split / "blur" / "scene" / f"{k}.jpg", seed=k)  # suffixes may differ
+            _train_png(tmp_path / "paired" / split / "sharp" / "scene" / f"{k}.png", seed=k)
+    layout, splits, problems = train.find_pairs(tmp_path / "flat")
+    assert layout == "gopro-flat" and problems == [] and {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 2}
+    layout, splits, problems = train.find_pairs(tmp_path / "paired")
+    assert layout == "paired" and problems == [] and {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 2}
+    assert all(Path(b).stem == Path(s).stem and Path(b).parent.name == "scene" for b, s in splits["test"])
+
+
+def test_train_realblur_lists_pair_gt_and_blur_columns_and_report_missing(tmp_path):
+    root = tmp_path / "RealBlur"
+    lines = {"train": [], "test": []}
+    for split, scenes in (("train", (1, 2)), ("test", (3,))):
+        for scene in scenes:
+            gt, blur = f"RealBlur-R_ECC/scene{scene:03d}/gt/gt_1.png", f"RealBlur-R_ECC/scene{scene:03d}/blur/blur_1.png"
+            _train_png(root / gt, seed=scene)
+            _train_png(root / blur, seed=scene + 50)
+            lines[split].append(f"{gt} {blur}")
+    lines["train"].append("RealBlur-R_ECC/scene009/gt/gt_1.png RealBlur-R_ECC/scene009/blur/blur_1.png")  # missing
+    for split in lines:
+        (root / f"RealBlur_R_{split}_list.txt").write_text("\n".join(lines[split]) + "\n")
+    layout, splits, problems = train.find_pairs(root)  # only the R lists: they are used
+    assert layout == "realblur"
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 1}
+    for blur, sharp in splits["train"]:
+        assert "/blur/blur_" in blur and "/gt/gt_" in sharp and Path(blur).parents[1] == Path(sharp).parents[1]
+    assert len(problems) == 1 and "1 listed files missing" in problems[0] and "scene009" in problems[0]
+    # a list file itself also names the data set
+    layout, splits, _ = train.find_pairs(root / "RealBlur_R_test_list.txt")
+    assert layout == "realblur" and len(splits["test"]) == 1
+
+
+def test_train_hide_pairs_test_subsets_with_gt_by_file_name(tmp_path):
+    root = tmp_path / "HIDE_dataset"
+    for subset, names in (("test-close-ups", ("1fromGOPR0950.png",)), ("test-long-shot", ("2fromGOPR1096.png", "x.png"))):
+        for name in names:
+            _train_png(root / "test" / subset / name, seed=len(name))
+    for name in ("1fromGOPR0950.png", "2fromGOPR1096.png", "9fromGOPR0001.png"):  # GT/ also holds train images
+        _train_png(root / "GT" / name, seed=len(name) + 1)
+    layout, splits, problems = train.find_pairs(root)
+    assert layout == "hide" and list(splits) == ["test"]
+    assert sorted((Path(b).name, Path(s).parent.name) for b, s in splits["test"]) == \
+        [("1fromGOPR0950.png", "GT"), ("2fromGOPR1096.png", "GT")]
+    assert len(problems) == 1 and "x" in problems[0]  # the blurry image with no GT
+
+
+def test_train_sharp_photo_folder_is_recursive_and_unpaired(tmp_path):
+    _train_png(tmp_path / "a.png", 1)
+    _train_png(tmp_path / "trip" / "b.jpg", 2)
+    (tmp_path / "notes.txt").write_text("not an image")
+    layout, splits, problems = train.find_pairs(tmp_path)
+    assert layout == "sharp-photos" and problems == []
+    assert sorted(Path(s).name for _, s in splits["train"]) == ["a.png", "b.jpg"]
+    assert all(b is None for b, _ in splits["train"])
+
+
+def test_train_sharp_photos_split_into_train_and_test_folders_validate_on_test(tmp_path):
+    for split, names in (("train", ("a", "b", "c")), ("test", ("d",))):
+        for k, name in enumerate(names):
+            _train_png(tmp_path / split / f"{name}.png", k)
+    layout, splits, _ = train.find_pairs(tmp_path)
+    assert layout == "sharp-photos"
+    assert {k: sorted(Path(s).stem for _, s in v) for k, v in splits.items()} == {"train": ["a", "b", "c"], "test": ["d"]}
+
+
+def test_train_find_pairs_rejects_missing_empty_and_half_layouts(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        train.find_pairs(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        train.find_pairs(tmp_path / "empty")
+    _train_png(tmp_path / "half" / "blur" / "a.png", 1)  # blur/ without sharp/ is not a folder of photographs
+    with pytest.raises(ValueError, match="unrecognised layout"):
+        train.find_pairs(tmp_path / "half")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training samples
+
+
+def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded(tmp_path):
+    sharp = _train_png(tmp_path / "s.png", 1, size=(48, 56))
+    Image.fromarray(255 - sharp).save(tmp_path / "b.png")  # blur = 1 - sharp, a relation any shared transform keeps
+    dataset = train.PairDataset([(str(tmp_path / "b.png"), str(tmp_path / "s.png"))], crop=32)
+    seen = set()
+    for seed in range(12):
+        blur, sharp_crop, failed = dataset[(0, seed)]
+        assert blur.shape == sharp_crop.shape == (3, 32, 32) and failed == -1
+        torch.testing.assert_close(blur, 1 - sharp_crop, atol=1e-6, rtol=0)
+        again = dataset[(0, seed)]
+        assert torch.equal(again[0], blur) and torch.equal(again[1], sharp_crop)
+        seen.add(sharp_crop.sum().item())
+    assert len(seen) > 6  # crops, flips and turns vary with the seed
+
+
+def test_train_photographs_get_a_synthetic_blur_of_the_same_crop(tmp_path):
+    _train_png(tmp_path / "photo.png", 3, size=(96, 96))
+    dataset = train.PairDataset([(None, str(tmp_path / "photo.png"))], crop=32)
+    blur, sharp, _ = dataset[(0, 7)]
+    assert blur.shape == sharp.shape == (3, 32, 32)
+    assert not torch.equal(blur, sharp)
+    assert torch.equal((blur * 255).round() / 255, blur)  # 8-bit rounding, as a saved blurry photo has
+    assert (blur - sharp).abs().mean() < 0.25  # the same content, blurred; not another crop
+
+
+def test_train_sampler_resumed_at_step_n_continues_the_same_stream():
+    full = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=0, total_steps=6))
+    resumed = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=3, total_steps=6))
+    assert resumed == full[3 * 4:]
+    epoch0 = [i for i, _ in full[:8]]
+    assert sorted(epoch0[:7]) == list(range(7))  # an epoch visits every pair, then wraps
+    ranks = [list(train.StepSampler(7, 4, 2, 5, 1, 0, 6, rank=r, world_size=2)) for r in range(2)]
+    assert [x for step in range(6) for r in range(2) for x in ranks[r][2 * step:2 * step + 2]] == full
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the recipe end to end
+
+
+def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_path, monkeypatch, capsys):
+    data, out = _train_gopro(tmp_path / "gopro"), tmp_path / "out"
+    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--workers", "1", "--iters", "2,1,2",
+                 "--val-every", "1"], monkeypatch)
+    stdout = capsys.readouterr().out
+    assert "gopro layout, 6 train pairs, 2 test pairs" in stdout
+    assert stdout.strip().splitlines()[-1] == f"done. deblur with: python sample.py blurry.png --ckpt {out / 'best.pt'}"
+    for name in ("stage1.pt", "stage2.pt", "stage3.pt", "last.pt", "best.pt", "log.jsonl"):
+        assert (out / name).exists(), name
+    last = blurdm.load_checkpoint(out / "last.pt")
+    assert (last["stage"], last["step"]) == (3, 2) and last["config"]["prior"] is True
+    # each stage trains its own parts only (BLURDM.md §6); the frozen sharp encoder keeps its BatchNorm statistics
+    weights = [blurdm.load_checkpoint(out / f"stage{s}.pt")["model"] for s in (1, 2, 3)]
+    part = lambda w, name: torch.cat([v.flatten().float() for k, v in w.items() if k.startswith(name + ".")])
+    assert torch.equal(part(weights[0], "deblurrer"), part(weights[1], "deblurrer"))
+    assert torch.equal(part(weights[0], "sharp_encoder"), part(weights[1], "sharp_encoder"))
+    assert not torch.equal(part(weights[0], "blur_encoder"), part(weights[1], "blur_encoder"))
+    assert not torch.equal(part(weights[1], "deblurrer"), part(weights[2], "deblurrer"))
+    assert torch.equal(part(weights[1], "sharp_encoder"), part(weights[2], "sharp_encoder"))
+    log = _train_log(out)
+    steps = [r for r in log if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in steps] == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]
+    assert all(r["step_ms"] >= r["data_ms"] >= 0 for r in steps)
+    assert sum("val_psnr" in r for r in log) == 5
+    model = blurdm.BlurDM.from_checkpoint(out / "best.pt")  # what sample.py does, with no other flag
+    blurry = torch.rand(1, 3, 37, 53)
+    restored = model.deblur(blurry)
+    assert restored.shape == blurry.shape and torch.isfinite(restored).all()
+    # rerunning a finished command has nothing left to do
+    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--workers", "1", "--iters", "2,1,2",
+                 "--val-every", "1"], monkeypatch)
+    assert "finished stage 3; nothing left to do" in capsys.readouterr().out
+
+
+def test_train_stage_two_alone_starts_from_init_and_no_prior_trains_the_baseline(tmp_path, monkeypatch, capsys):
+    data = _train_gopro(tmp_path / "gopro", per_sequence=2)
+    with pytest.raises(SystemExit):  # stage 2 needs a stage 1 model
+        _train_main(["--data", data, "--out", tmp_path / "b", *_TRAIN_FAST, "--stage", "2", "--iters", "1"], monkeypatch)
+    assert "stage 2 starts from a stage 1 checkpoint: pass --init" in capsys.readouterr().err
+    _train_main(["--data", data, "--out", tmp_path / "a", *_TRAIN_FAST, "--stage", "1", "--iters", "1"], monkeypatch)
+    _train_main(["--data", data, "--out", tmp_path / "b", *_TRAIN_FAST, "--stage", "2", "--iters", "1",
+                 "--init", tmp_path / "a" / "stage1.pt"], monkeypatch)
+    assert f"starts from the weights of {tmp_path / 'a' / 'stage1.pt'}" in capsys.readouterr().out
+    stage1 = blurdm.load_checkpoint(tmp_path / "a" / "stage1.pt")["model"]
+    stage2 = blurdm.load_checkpoint(tmp_path / "b" / "stage2.pt")["model"]
+    assert all(torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("deblurrer."))
+    _train_main(["--data", data, "--out", tmp_path / "c", *_TRAIN_FAST, "--no-prior", "--iters", "1"], monkeypatch)
+    baseline = blurdm.load_checkpoint(tmp_path / "c" / "last.pt")
+    assert baseline["config"]["prior"] is False and (baseline["stage"], baseline["step"]) == (3, 1)
+    assert not any(k.startswith(("sharp_encoder", "blur_encoder")) for k in baseline["model"])
+    assert blurdm.BlurDM.from_checkpoint(tmp_path / "c" / "best.pt").deblur(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
+
+
+def test_train_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys,
+                                                                               train_one_thread):
+    data = _train_gopro(tmp_path / "gopro")
+    args = ["--data", data, *_TRAIN_FAST, "--stage", "1", "--iters", "12", "--val-every", "0", "--save-every", "1000"]
+    _train_main([*args, "--out", tmp_path / "straight"], monkeypatch)
+    # the same command, stopped by SIGTERM after a few steps, then rerun
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process: bit-identical results
+    process = subprocess.Popen([sys.executable, str(_TRAIN_REPO / "train.py"), *map(str, args), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_TRAIN_REPO, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(_train_log(out)) >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    stopped = blurdm.load_checkpoint(out / "last.pt")
+    n = stopped["step"]
+    assert 2 <= n < 12 and f"stopped at stage 1 step {n}" in stdout
+    _train_main([*args, "--out", out], monkeypatch)
+    assert f"resuming stage 1 at step {n}" in capsys.readouterr().out
+    straight, resumed = (blurdm.load_checkpoint(p / "last.pt") for p in (tmp_path / "straight", out))
+    assert resumed["step"] == straight["step"] == 12
+    for k in straight["model"]:
+        torch.testing.assert_close(resumed["model"][k], straight["model"][k], rtol=0, atol=0)
+    moments = lambda ckpt: [t for state in ckpt["optimizer"]["state"].values() for t in state.values()]
+    assert len(moments(straight)) > 0
+    for a, b in zip(moments(resumed), moments(straight), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # Adam's step count and moments carried over the restart
+    assert resumed["scheduler"] == straight["scheduler"]
+    # a rerun with other settings refuses to resume (12 steps done of 20 would otherwise resume)
+    with pytest.raises(SystemExit):
+        _train_main([*args, "--iters", "20", "--out", out], monkeypatch)
+    assert "saved by a run with other settings (stage_steps [12, 12, 12] vs [20, 20, 20])" in capsys.readouterr().err
+
+
+def test_train_two_gloo_processes_agree_and_match_one_process_on_the_same_global_batch(tmp_path, monkeypatch,
+                                                                                      train_one_thread):
+    data = _train_gopro(tmp_path / "gopro", per_sequence=2)
+    args = ["--data", data, *_TRAIN_FAST, "--batch", "4", "--iters", "2,1,2", "--val-every", "0", "--save-every", "1"]
+    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(_TRAIN_REPO / "train.py"), *map(str, args),
+                             "--out", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=_TRAIN_REPO,
+                            timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    ddp_log = _train_log(tmp_path / "ddp")
+    agreed = [(r["stage"], r["step"]) for r in ddp_log if r.get("ranks_agree") == 2]
+    assert agreed == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]  # every save compared the weights of both ranks
+    assert blurdm.load_checkpoint(tmp_path / "ddp" / "last.pt")["stage"] == 3
+    # stage 1 draws no noise: two ranks of batch 2 must follow one process of batch 4 (gradients averaged)
+    _train_main(["--data", data, *_TRAIN_FAST, "--batch", "4", "--stage", "1", "--iters", "2", "--val-every", "0",
+                 "--out", tmp_path / "single"], monkeypatch)
+    losses = lambda log: [r["loss"] for r in log if "loss" in r and r["stage"] == 1]
+    assert len(losses(ddp_log)) == 2
+    np.testing.assert_allclose(losses(ddp_log), losses(_train_log(tmp_path / "single")), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# faults and bad input
+
+
+def test_train_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    data, out = _train_gopro(tmp_path / "gopro", per_sequence=2), tmp_path / "out"
+    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--stage", "1", "--iters", "1"], monkeypatch)
+    good = (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:  # an absurd learning rate blows the weights up within a step
+        _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--stage", "2", "--iters", "5", "--lr", "1e30",
+                     "--save-every", "1000"], monkeypatch)
+    assert exit_info.value.code == 1
+    line = _train_error_line(capsys.readouterr().err)
+    assert "at stage 2 step 1; stopped" in line and f"{out / 'last.pt'} is kept" in line
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_train_bad_data_gives_one_line_errors_naming_the_file(tmp_path, monkeypatch, capsys):
+    def fails(data, match):
+        with pytest.raises(SystemExit) as exit_info:
+            _train_main(["--data", data, "--out", tmp_path / "out", *_TRAIN_FAST, "--iters", "1"], monkeypatch)
+        assert exit_info.value.code == 1
+        line = _train_error_line(capsys.readouterr().err)
+        assert match in line, line
+
+    fails(tmp_path / "missing", f"{tmp_path / 'missing'}: no such folder")
+    (tmp_path / "empty").mkdir()
+    fails(tmp_path / "empty", f"{tmp_path / 'empty'}: no images found")
+    _train_png(tmp_path / "mismatch" / "blur" / "a.png", 1, size=(40, 48))
+    _train_png(tmp_path / "mismatch" / "sharp" / "a.png", 1, size=(40, 40))
+    fails(tmp_path / "mismatch", f"{tmp_path / 'mismatch' / 'blur' / 'a.png'}: 48x40 but its sharp image")
+    _train_png(tmp_path / "small" / "tiny.png", 1, size=(16, 16))
+    fails(tmp_path / "small", "16x16 is smaller than the 32px crop")
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_train_truncated_image_cli_error_has_no_traceback(tmp_path):
+    _train_png(tmp_path / "data" / "blur" / "a.png", 1)
+    _train_png(tmp_path / "data" / "sharp" / "a.png", 2)
+    png = (tmp_path / "data" / "blur" / "a.png").read_bytes()
+    (tmp_path / "data" / "blur" / "a.png").write_bytes(png[:len(png) // 2])
+    result = _train_cli(["--data", tmp_path / "data", "--out", tmp_path / "out", *_TRAIN_FAST, "--iters", "1"])
+    assert result.returncode == 1
+    line = _train_error_line(result.stderr)
+    assert f"{tmp_path / 'data' / 'blur' / 'a.png'}: not a readable image" in line and "no usable training pairs" in line
+
+
+def test_train_bad_files_inside_a_set_are_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
+    data = _train_gopro(tmp_path / "gopro")
+    truncated_png = data / "train" / "GOPR0372_07_00" / "blur" / "000001.png"
+    truncated_png.write_bytes(truncated_png.read_bytes()[:100])  # caught by the header and checksum scan
+    # a truncated JPEG passes the scan and only fails to decode in the loader: skipped there
+    jpeg = data / "train" / "GOPR0374_11_01" / "blur" / "000002"
+    Image.open(jpeg.with_suffix(".png")).save(jpeg.with_suffix(".jpg"), quality=95)
+    jpeg.with_suffix(".png").unlink()
+    jpeg_bytes = jpeg.with_suffix(".jpg").read_bytes()
+    jpeg.with_suffix(".jpg").write_bytes(jpeg_bytes[:len(jpeg_bytes) * 2 // 3])
+    _train_main(["--data", data, "--out", tmp_path / "out", *_TRAIN_FAST, "--stage", "1", "--iters", "3"], monkeypatch)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert f"warning: {truncated_png}: not a readable image" in text
+    assert f"warning: {jpeg.with_suffix('.jpg')}: not a readable image" in text
+    assert "skipped 1 training pairs that could not be decoded" in text
+    assert blurdm.load_checkpoint(tmp_path / "out" / "last.pt")["step"] == 3
+
+
+# ==============================================================================================================
+# sample.py
+
+
+_SAMPLE_PY = Path(__file__).resolve().parent / "sample.py"
+
+
+def _sample_photo(h, w, seed=0):
+    """A smooth, textured RGB test image (H, W, 3) uint8: gradients, waves and a little noise."""
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    rng = np.random.default_rng(seed)
+    img = np.stack([0.5 + 0.3 * np.sin(12 * xx + 5 * yy + seed), 0.5 + 0.3 * np.cos(9 * yy), xx * yy], -1)
+    img = img + 0.08 * rng.random((h, w, 3))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _sample_save(path, h=24, w=40, seed=0, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_sample_photo(h, w, seed)).convert(mode).save(path)
+    return path
+
+
+def _sample_png16(path, arr, size=None):
+    """
+    Write a 16-bit PNG (H, W, C) uint16 by hand (Pillow cannot write 16-bit RGB). `size` (W, H) overrides the size in
+    the header: a decompression bomb whose pixels are never there.
+    """
+    h, w, c = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    w, h = size or (w, h)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _sample_read(path):
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def _sample_run(argv, capsys):
+    """main(argv) in-process: (exit code, stdout, stderr)."""
+    code = sample.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def sample_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny")).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_strong_ckpt(tmp_path_factory):
+    """
+    A tiny model whose convolutions are Kaiming-initialised: like a trained network (unlike PyTorch's default init,
+    whose residual is ~0) its output moves by ~0.2 on average, depends on the prior, and a tile edge 16 px away
+    changes it by tens of grey levels, so tiling and seed mistakes show.
+    """
+    torch.manual_seed(0)
+    model = blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny"))
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("ckpt") / "strong.pt"
+    model.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ inputs, outputs
+
+
+def test_sample_writes_the_models_output_beside_the_input_at_the_input_size(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "blurry.png", 37, 53)
+    code, out, err = _sample_run([src, "--ckpt", sample_ckpt], capsys)
+    assert code == 0, err
+    written = _sample_read(tmp_path / "blurry_deblurred.png")
+    assert written.shape == (37, 53, 3)
+    model = blurdm.BlurDM.from_checkpoint(sample_ckpt)
+    expected = blurdm.to_uint8(model.deblur(blurdm.read_image(src)[None], seed=2023)[0]).permute(1, 2, 0).numpy()
+    assert np.array_equal(written, expected)  # the model's own output with the official seed, rounded as saved
+    assert "blurry_deblurred.png" in out and "done: 1 written, 0 skipped, 0 failed" in out
+
+
+def test_sample_reads_every_format_mode_and_size_and_passes_alpha_through(tmp_path, sample_ckpt, capsys):
+    """Each odd file must deblur exactly like a plain 8-bit RGB PNG of the picture it shows (ref/)."""
+    d, ref = tmp_path / "in", tmp_path / "ref"
+    ref.mkdir()
+    photo = _sample_photo(12, 20)
+    for suffix in ("png", "jpg", "webp", "bmp", "tif"):
+        _sample_save(d / f"rgb_{suffix}.{suffix}", 21, 30)
+    _sample_save(d / "one_pixel.png", 1, 1)
+    _sample_save(d / "odd.png", 7, 13)
+    Image.fromarray(photo).convert("L").save(d / "gray.png")
+    Image.fromarray(np.repeat(np.asarray(Image.open(d / "gray.png"))[..., None], 3, -1)).save(ref / "gray.png")
+    Image.fromarray(photo).convert("P").save(d / "palette.png")
+    Image.open(d / "palette.png").convert("RGB").save(ref / "palette.png")
+    gray16 = np.arange(12 * 20, dtype=np.uint16).reshape(12, 20) * 273
+    Image.fromarray(gray16).save(d / "gray16.png")
+    Image.fromarray(np.repeat((gray16 / 257).round().astype(np.uint8)[..., None], 3, -1)).save(ref / "gray16.png")
+    rgb16 = np.stack([gray16, gray16[::-1], 65535 - gray16], -1)
+    _sample_png16(d / "rgb16.png", rgb16)
+    Image.fromarray((rgb16 / 257).round().astype(np.uint8)).save(ref / "rgb16.png")
+    alpha = np.linspace(0, 255, 12 * 20).reshape(12, 20).astype(np.uint8)
+    Image.fromarray(np.dstack([photo, alpha]), "RGBA").save(d / "rgba.png")
+    Image.fromarray(photo).save(ref / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the 12 x 20 file shows as 20 x 12
+    Image.fromarray(photo).save(d / "exif.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(photo, -1))).save(ref / "exif.png")
+
+    code, out, err = _sample_run([d, "--ckpt", sample_ckpt], capsys)
+    assert code == 0, err
+    assert "done: 13 written, 0 skipped, 0 failed" in out
+    shapes = {p.name: _sample_read(p).shape for p in d.glob("*_deblurred.png")}
+    assert shapes == {"rgb_png_deblurred.png": (21, 30, 3), "rgb_jpg_deblurred.png": (21, 30, 3),
+                      "rgb_webp_deblurred.png": (21, 30, 3), "rgb_bmp_deblurred.png": (21, 30, 3),
+                      "rgb_tif_deblurred.png": (21, 30, 3), "one_pixel_deblurred.png": (1, 1, 3),
+                      "odd_deblurred.png": (7, 13, 3), "gray_deblurred.png": (12, 20, 3),
+                      "palette_deblurred.png": (12, 20, 3), "gray16_deblurred.png": (12, 20, 3),
+                      "rgb16_deblurred.png": (12, 20, 3), "rgba_deblurred.png": (12, 20, 4),
+                      "exif_deblurred.png": (20, 12, 3)}
+    assert np.array_equal(_sample_read(d / "rgba_deblurred.png")[..., 3], alpha)  # alpha copied unchanged
+    assert _sample_run([ref, "--ckpt", sample_ckpt], capsys)[0] == 0
+    for name, tolerance in (("gray", 0), ("palette", 0), ("rgba", 0), ("exif", 0), ("gray16", 2), ("rgb16", 2)):
+        ours = _sample_read(d / f"{name}_deblurred.png")[..., :3].astype(int)
+        plain = _sample_read(ref / f"{name}_deblurred.png").astype(int)
+        assert np.abs(ours - plain).max() <= tolerance, name  # 16-bit: 1/65535 vs 1/255 steps
+
+
+def test_sample_folders_mirror_subfolders_and_leave_out_their_own_outputs(tmp_path, sample_ckpt, capsys):
+    d = tmp_path / "photos"
+    for name in ("a.png", "sub/b.jpg", "sub/deeper/c.png", "old_deblurred.png", "old_compare.png"):
+        _sample_save(d / name)
+    code, out, _ = _sample_run([d, "--ckpt", sample_ckpt], capsys)  # not recursive: the top folder only
+    assert code == 0
+    assert sorted(p.name for p in d.glob("*_deblurred.png")) == ["a_deblurred.png", "old_deblurred.png"]
+    assert "1 image" in out
+
+    code, out, _ = _sample_run([d, "--recursive", "-o", tmp_path / "out", "--ckpt", sample_ckpt], capsys)
+    assert code == 0
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a_deblurred.png", "sub/b_deblurred.png", "sub/deeper/c_deblurred.png"]
+
+
+def test_sample_glob_patterns_expand_to_files_and_folders(tmp_path, sample_ckpt, capsys):
+    for name in ("s1/blur/1.png", "s2/blur/1.png", "s2/sharp/1.png", "x.png", "notes.txt"):
+        _sample_save(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text("hi")
+    pattern = str(tmp_path / "*" / "blur")  # matches two folders: sub-folders mirrored from the fixed part
+    code, out, err = _sample_run([pattern, str(tmp_path / "*.*"), "-o", tmp_path / "out", "--ckpt", sample_ckpt],
+                                 capsys)
+    assert code == 0, err
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["s1/blur/1_deblurred.png", "s2/blur/1_deblurred.png", "x_deblurred.png"]
+    code, _, err = _sample_run([str(tmp_path / "*.jpg"), "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and "no images match this pattern" in err
+
+
+def test_sample_out_is_a_file_for_one_input_and_must_be_a_folder_for_several(tmp_path, sample_ckpt, capsys):
+    a, b = _sample_save(tmp_path / "a.png"), _sample_save(tmp_path / "b.png")
+    code, _, _ = _sample_run([a, "-o", tmp_path / "result.png", "--ckpt", sample_ckpt], capsys)
+    assert code == 0 and _sample_read(tmp_path / "result.png").shape == (24, 40, 3)
+    code, _, err = _sample_run([a, b, "-o", tmp_path / "result2.png", "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and "give a folder" in err and not (tmp_path / "result2.png").exists()
+
+
+def test_sample_never_overwrites_an_input_and_skips_existing_outputs_unless_forced(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png")
+    before = src.read_bytes()
+    code, _, err = _sample_run([src, "-o", src, "--force", "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and "is an input; refusing to overwrite it" in err and src.read_bytes() == before
+
+    out_file = tmp_path / "a_deblurred.png"
+    out_file.write_bytes(b"an older result")
+    code, out, _ = _sample_run([src, "--ckpt", sample_ckpt], capsys)
+    assert code == 0 and "exists; skipped (--force overwrites it)" in out and "1 skipped" in out
+    assert out_file.read_bytes() == b"an older result"
+    code, out, _ = _sample_run([src, "--force", "--ckpt", sample_ckpt], capsys)
+    assert code == 0 and _sample_read(out_file).shape == (24, 40, 3)
+
+    _sample_save(tmp_path / "a.jpg")  # a.png and a.jpg both want a_deblurred.png: the second is refused
+    code, _, err = _sample_run([src, tmp_path / "a.jpg", "--force", "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and "would write the same output as" in err
+
+
+def test_sample_compare_puts_the_blurry_input_left_of_the_result(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png", 20, 32)
+    code, _, _ = _sample_run([src, "--compare", "--ckpt", sample_ckpt], capsys)
+    side_by_side = _sample_read(tmp_path / "a_compare.png")
+    assert code == 0 and side_by_side.shape == (20, 64, 3)
+    assert np.array_equal(side_by_side[:, :32], _sample_read(src))
+    assert np.array_equal(side_by_side[:, 32:], _sample_read(tmp_path / "a_deblurred.png"))
+
+
+def test_sample_seed_fixes_the_prior_noise(tmp_path, sample_strong_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png", 32, 32)
+    results = []
+    for seed, name in ((2023, "x.png"), (2023, "y.png"), (7, "z.png")):
+        _sample_run([src, "-o", tmp_path / name, "--seed", seed, "--ckpt", sample_strong_ckpt], capsys)
+        results.append(_sample_read(tmp_path / name).astype(int))
+    assert np.array_equal(results[0], results[1])
+    assert np.abs(results[0] - results[2]).max() > 0
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+
+
+def test_sample_tile_layout_covers_the_image_with_aligned_overlapping_tiles():
+    for length in range(8, 800, 8):
+        for tile, overlap in ((64, 0), (64, 32), (128, 64), (1352, 64)):
+            starts, size = sample.tile_layout(length, tile, overlap)
+            assert size <= max(tile, length) and size % 8 == 0 and all(s % 8 == 0 for s in starts)
+            assert starts[0] == 0 and starts[-1] + size == length
+            assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
+            if length > tile:  # as few tiles as the tile size allows
+                assert len(starts) == -(-(length - overlap) // (tile - overlap))
+
+
+def test_sample_tiles_blend_without_seams_and_match_the_untiled_result(tmp_path, sample_strong_ckpt, capsys):
+    """
+    140 x 203 (not a multiple of 8) in 2 x 2 tiles. The test network's output near a tile edge is off by up to ~120
+    grey levels (zero padding where the untiled run sees image) and by < 0.05 level 32 px in (measured); every tile
+    shares the whole image's prior. The blend gives a tile ~0 weight within 16 px of its edge and full weight from
+    48 px on, so with a 64 px overlap the tiled result is within 3 levels everywhere (2 measured, at tile corners)
+    and 0.1 on average (0.015). Without overlap the same comparison shows seams of over 50 levels (~200 measured).
+    """
+    src = tmp_path / "big.png"
+    Image.fromarray(_sample_photo(140, 203)).save(src)
+    common = [src, "--ckpt", sample_strong_ckpt]
+    _sample_run(common + ["-o", tmp_path / "whole.png"], capsys)
+    code, out, _ = _sample_run(common + ["-o", tmp_path / "tiled.png", "--tile", 136, "--tile-overlap", 64], capsys)
+    assert code == 0 and "2x2 tiles" in out
+    _sample_run(common + ["-o", tmp_path / "seams.png", "--tile", 64, "--tile-overlap", 0], capsys)
+    whole, tiled, seams = (_sample_read(tmp_path / n).astype(int) for n in ("whole.png", "tiled.png", "seams.png"))
+    assert np.abs(tiled - whole).max() <= 3 and np.abs(tiled - whole).mean() < 0.1
+    assert np.abs(seams - whole).max() > 50
+
+
+def test_sample_tiles_automatically_over_max_pixels_with_one_prior_per_image(tmp_path, sample_ckpt, capsys,
+                                                                              monkeypatch):
+    src = _sample_save(tmp_path / "a.png", 60, 90)
+    calls = []
+    original = blurdm.BlurDM.prior_for
+    monkeypatch.setattr(blurdm.BlurDM, "prior_for", lambda self, x, seed=2023: calls.append(x.shape) or
+                        original(self, x, seed))
+    code, out, _ = _sample_run([src, "--max-pixels", 48 * 48, "--tile-overlap", 8, "--ckpt", sample_ckpt], capsys)
+    assert code == 0 and "3x2 tiles of 40x40" in out
+    assert _sample_read(tmp_path / "a_deblurred.png").shape == (60, 90, 3)
+    assert calls == [(1, 3, 60, 90)]  # one prior, on the whole image, shared by every tile
+
+    calls.clear()  # over PRIOR_MAX_PIXELS the prior comes from an area-downscaled copy
+    monkeypatch.setattr(sample, "PRIOR_MAX_PIXELS", 1000)
+    code, _, _ = _sample_run([src, "--force", "--max-pixels", 48 * 48, "--tile-overlap", 8, "--ckpt", sample_ckpt],
+                             capsys)
+    assert code == 0 and len(calls) == 1 and calls[0][2] * calls[0][3] <= 1000 and calls[0][3] > calls[0][2]
+
+
+def test_sample_default_max_pixels_follows_the_memory_budget_of_the_model_width():
+    per_width_32 = sample.MEMORY_BUDGET // (sample.BYTES_PER_PIXEL_PER_WIDTH * 32)
+    assert 1280 * 720 < per_width_32 < 4000 * 3000  # a video frame runs whole, a 12 MP photo is tiled
+    assert 4000 * 3000 < sample.PRIOR_MAX_PIXELS  # a 12 MP photo's prior sees the whole image at full size
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def test_sample_scores_against_a_folder_by_relative_path_then_stem(tmp_path, sample_ckpt, capsys):
+    for i, name in enumerate(("x/1.png", "x/2.png", "y/3.png")):
+        _sample_save(tmp_path / "blurry" / name, seed=i)
+    _sample_save(tmp_path / "gt" / "x" / "1.png", seed=10)  # same relative path
+    _sample_save(tmp_path / "gt" / "elsewhere" / "2.bmp", seed=11)  # same stem, another folder and format
+    code, out, _ = _sample_run([tmp_path / "blurry", "-r", "-o", tmp_path / "out", "--gt", tmp_path / "gt",
+                                "--ckpt", sample_ckpt], capsys)
+    assert code == 0  # an image with no ground truth is reported, not a failure
+    assert blurdm.SSIM_RECIPE in out and "no ground truth:" in out and "3.png" in out.split("no ground truth:")[1]
+    with open(tmp_path / "out" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["ground_truth"]).name for r in rows] == ["1.png", "2.bmp"]
+    for row in rows:
+        result = blurdm.to_uint8(blurdm.read_image(row["output"]))
+        sharp = blurdm.to_uint8(blurdm.read_image(row["ground_truth"]))
+        assert float(row["psnr_db"]) == pytest.approx(blurdm.psnr(result, sharp), abs=1e-4)
+        assert float(row["ssim"]) == pytest.approx(blurdm.ssim(result, sharp), abs=1e-6)
+        assert f"PSNR {float(row['psnr_db']):.2f} dB" in out
+    mean = sum(float(r["psnr_db"]) for r in rows) / 2
+    assert f"mean over 2 images: PSNR {mean:.2f} dB" in out
+
+    code, out2, _ = _sample_run([tmp_path / "blurry", "-r", "-o", tmp_path / "out", "--gt", tmp_path / "gt",
+                                 "--ckpt", sample_ckpt], capsys)  # outputs exist: skipped, still scored
+    assert code == 0 and "3 skipped" in out2 and f"mean over 2 images: PSNR {mean:.2f} dB" in out2
+
+
+def test_sample_scores_gopro_and_hide_trees_through_train_find_pairs(tmp_path, sample_ckpt, capsys):
+    gopro = tmp_path / "GOPRO_Large"
+    for seq in ("GOPR0001_11_00", "GOPR0002_11_00"):
+        for split in ("train", "test"):
+            _sample_save(gopro / split / seq / "blur" / "000001.png", seed=1)
+            _sample_save(gopro / split / seq / "sharp" / "000001.png", seed=2)
+    code, out, err = _sample_run([str(gopro / "test" / "*" / "blur"), "-o", tmp_path / "out", "--gt", gopro,
+                                  "--ckpt", sample_ckpt], capsys)
+    assert code == 0, err
+    assert "gopro layout" in out and "mean over 2 images" in out
+    with open(tmp_path / "out" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["ground_truth"]).relative_to(gopro).as_posix() for r in rows] == \
+        ["test/GOPR0001_11_00/sharp/000001.png", "test/GOPR0002_11_00/sharp/000001.png"]
+
+    hide = tmp_path / "HIDE_dataset"
+    _sample_save(hide / "test" / "test-close-ups" / "5.png", seed=3)
+    _sample_save(hide / "test" / "test-long-shot" / "6.png", seed=4)
+    for name in ("5.png", "6.png"):
+        _sample_save(hide / "GT" / name, seed=5)
+    code, out, err = _sample_run([hide / "test", "-r", "-o", tmp_path / "hide_out", "--gt", hide,
+                                  "--csv", tmp_path / "hide.csv", "--ckpt", sample_ckpt], capsys)
+    assert code == 0, err
+    assert "hide layout" in out and "mean over 2 images" in out
+    assert len(list(csv.DictReader(open(tmp_path / "hide.csv")))) == 2
+
+
+def test_sample_ground_truth_of_another_size_is_an_error(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "in" / "a.png", 24, 40)
+    _sample_save(tmp_path / "gt" / "a.png", 24, 41)
+    code, _, err = _sample_run([src, "--gt", tmp_path / "gt", "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and "ground truth is 41x24, the output 40x24" in err
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_sample_missing_default_weights_ask_for_ckpt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sample, "DEFAULT_CKPT", tmp_path / "weights" / "blurdm-demo.pt")
+    src = _sample_save(tmp_path / "a.png")
+    code = sample.main([str(src)])  # no --ckpt: the default
+    err = capsys.readouterr().err
+    assert code == 1 and "default demo weights are not in this checkout" in err and "--ckpt" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a_deblurred.png").exists()
+
+
+def test_sample_files_that_are_not_checkpoints_give_one_line_errors(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png")
+    data = sample_ckpt.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for name, problem in (("truncated.pt", "not a PyTorch checkpoint"), ("other.pt", "not a BlurDM checkpoint"),
+                          ("notes.pt", "not a PyTorch checkpoint"), ("missing.pt", "no such checkpoint file")):
+        code, _, err = _sample_run([src, "--ckpt", tmp_path / name], capsys)
+        assert code == 1 and err.strip().startswith(f"error: {tmp_path / name}: {problem}"), err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a_deblurred.png").exists()
+
+
+def test_sample_device_and_amp_choices_are_explained(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png")
+    if not torch.cuda.is_available():
+        code, _, err = _sample_run([src, "--device", "cuda", "--ckpt", sample_ckpt], capsys)
+        assert code == 1 and "no CUDA device" in err
+    code, out, _ = _sample_run([src, "--device", "cpu", "--amp", "bf16", "--ckpt", sample_ckpt], capsys)
+    assert code == 0 and "applies on CUDA only" in out
+
+
+def test_sample_unwritable_output_folder_fails_before_the_work(tmp_path, sample_ckpt, capsys):
+    src = _sample_save(tmp_path / "a.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")  # works as root too, unlike chmod
+    code, _, err = _sample_run([src, "-o", blocker / "out", "--ckpt", sample_ckpt], capsys)
+    assert code == 1 and f"{blocker / 'out'}: cannot create the output folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sample_bad_files_fail_alone_with_one_line_and_no_traceback(tmp_path, sample_ckpt):
+    d = tmp_path / "batch"
+    _sample_save(d / "good.png")
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.png").write_text("not an image")
+    good_bytes = (d / "good.png").read_bytes()
+    (d / "truncated.png").write_bytes(good_bytes[: len(good_bytes) // 2])
+    _sample_png16(d / "bomb.png", np.zeros((1, 1, 3), np.uint16), size=(20000, 20000))  # 400 MP in 100 bytes
+
+    result = subprocess.run([sys.executable, str(_SAMPLE_PY), str(d), str(tmp_path / "missing.png"), "--ckpt",
+                             str(sample_ckpt)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 5
+    for name, problem in (("missing.png", "no such file or folder"), ("empty.png", "not a readable image"),
+                          ("notes.png", "not a readable image"), ("truncated.png", "not a readable image"),
+                          ("bomb.png", "image too large")):
+        assert any(name in e and problem in e for e in errors), (name, errors)
+    assert (d / "good_deblurred.png").exists() and "done: 1 written, 0 skipped, 5 failed | " in result.stdout
+    assert "5/5" in result.stderr  # the progress bar over the images
+    assert re.search(r"good\.png -> .*good_deblurred\.png \| 40x24 \| \d+\.\d\d s", result.stdout)
+    assert re.search(r"\| \d+\.\d\d s an image on average \(cpu, fp32\)", result.stdout)
