@@ -1,0 +1,63 @@
+"""
+The data behind the demo weights, rebuilt from Debian's wallpaper packages (no download beyond apt):
+
+    apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds
+    python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout/{blur,sharp}
+
+Each photograph (the largest copy of it) is halved to about 1280 px wide. Four are held out (data/photos/test), and
+each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
+inputs' own PSNR / SSIM are printed at the end.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import blurdm  # noqa: E402
+
+HELD_OUT = ("EveningGlow", "ColorfulCups", "LadyBird", "Path")
+KDE_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+              "OneStandsOut", "Path", "summer_1am")  # the other KDE wallpapers are illustrations
+MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
+
+
+def sources():
+    """{name: path} of every photograph; Storm.jpg is left out: it already has motion streaks."""
+    found = {p.stem: p for p in sorted(MATE_NATURE.glob("*.jpg")) if p.stem != "Storm"}
+    for name in KDE_PHOTOS:
+        sizes = Path(f"/usr/share/wallpapers/{name}/contents/images").glob("*.jpg")
+        found[name] = max(sizes, key=lambda p: Image.open(p).size[0] * Image.open(p).size[1])
+    return found
+
+
+def main(out=Path("data")):
+    photos = sources()
+    if len(photos) < 20:
+        sys.exit(f"found {len(photos)} photographs; install plasma-workspace-wallpapers and mate-backgrounds first")
+    for name, path in photos.items():
+        image = Image.open(path).convert("RGB")
+        image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
+        split = "test" if name in HELD_OUT else "train"
+        (out / "photos" / split).mkdir(parents=True, exist_ok=True)
+        image.save(out / "photos" / split / f"{name}.png")
+    print(f"{out / 'photos'}: {len(photos) - len(HELD_OUT)} train, {len(HELD_OUT)} test photographs")
+
+    psnrs, ssims = [], []
+    for seed, name in enumerate(HELD_OUT):
+        sharp = blurdm.read_image(out / "photos" / "test" / f"{name}.png")
+        blurry = blurdm.synthesize_blur(sharp, generator=torch.Generator().manual_seed(seed))
+        for folder, image in (("sharp", sharp), ("blur", blurry)):
+            (out / "heldout" / folder).mkdir(parents=True, exist_ok=True)
+            blurdm.write_image(image, out / "heldout" / folder / f"{name}.png")
+        a, b = blurdm.to_uint8(blurry), blurdm.to_uint8(sharp)
+        psnrs.append(blurdm.psnr(a, b))
+        ssims.append(blurdm.ssim(a, b))
+        print(f"{name}: blurry input PSNR {psnrs[-1]:.2f} dB, SSIM {ssims[-1]:.4f}")
+    print(f"blurry inputs, mean of {len(psnrs)}: PSNR {sum(psnrs) / len(psnrs):.2f} dB, SSIM {sum(ssims) / len(ssims):.4f}")
+
+
+if __name__ == "__main__":
+    main()
