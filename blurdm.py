@@ -107,7 +107,8 @@ class BlurDMConfig:
                 if f.name not in RECIPE_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
 
 
-RECIPE_FIELDS = ("crop", "batch_size", "lr", "lr_min", "stage_epochs", "seed")
+RECIPE_FIELDS = ("fft_weight", "charbonnier_eps", "prior_loss", "crop", "batch_size", "lr", "lr_min", "stage_epochs",
+                 "seed")
 
 PRESETS = {
     "paper": {},  # MIMO-UNet+ + BlurDM, the official recipe
@@ -250,16 +251,16 @@ class BlurDiffusion(nn.Module):
         self.register_buffer("beta_bar", beta_bar.float(), persistent=False)
 
     def q_step(self, x_prev, t, e_t, eps):
-        """One forward step: I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
+        """One forward step (BLURDM.md §2): I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
         a = self.alpha
         return a[t - 1] / a[t] * x_prev + e_t / a[t] + self.beta[t] * eps
 
     def q_sample(self, B_t, t, eps):
-        """Closed form of q(I_t | I_0): I_t = B_t + β̄_t ε."""
+        """Closed form of q(I_t | I_0) (§2): I_t = B_t + β̄_t ε."""
         return B_t + self.beta_bar[t] * eps
 
     def p_sample(self, x_t, t, e_hat, eps_hat):
-        """One reverse step: I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t. No fresh noise."""
+        """One reverse step (§3): I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t. No fresh noise."""
         a, bb = self.alpha, self.beta_bar
         return (a[t] * x_t - e_hat) / a[t - 1] - (a[t] * bb[t] / a[t - 1] - bb[t - 1]) * eps_hat
 
@@ -518,7 +519,7 @@ class BlurDM(nn.Module):
 
     def blur_prior(self, blur, eps=None):
         """Z_0^B: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B. `blur` is in [-0.5, 0.5]."""
-        z_blur = self.blur_encoder(blur, blur)  # (B, d)
+        z_blur = self.blur_encoder(blur, blur).float()  # (B, d); the chain runs in fp32, also under autocast
         if eps is None:
             eps = torch.randn_like(z_blur)
         x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps)
@@ -587,14 +588,18 @@ class BlurDM(nn.Module):
         """
         modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
         self.eval()
-        H, W = blurry.shape[-2:]
-        if prior is None:
-            prior = self.prior_for(blurry, seed)
-        x = pad_to_multiple(blurry, 8) - 0.5
-        out = self.deblurrer(x, prior)[-1][..., :H, :W] + 0.5
-        for module, training in modes:
-            module.training = training
-        return out.clamp(0, 1)
+        try:
+            H, W = blurry.shape[-2:]
+            if prior is None:
+                prior = self.prior_for(blurry, seed)
+            x = pad_to_multiple(blurry, 8) - 0.5
+            if x.device.type == "cpu":  # the layout propagates through the convs: 1.2-1.9x faster on CPU (bench.py)
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self.deblurrer(x, prior)[-1][..., :H, :W] + 0.5
+        finally:
+            for module, training in modes:
+                module.training = training
+        return out.clamp(0, 1).contiguous()
 
     # checkpoints
     def save(self, path, **extra):

@@ -30,7 +30,8 @@ import blurdm
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "weights" / "blurdm-demo.pt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-OUTPUT_TAGS = ("_deblurred", "_compare")  # files named <stem>_deblurred.* and <stem>_compare.* are our outputs
+OUTPUT_TAGS = ("_deblurred", "_compare")
+BLUR_TO_SHARP = {"blur": "sharp", "input": "target", "blurry": "sharp"}  # folder names of a pair, for --gt  # files named <stem>_deblurred.* and <stem>_compare.* are our outputs
 
 # Memory, measured on CPU as the peak RSS of BlurDM.deblur (fp32, inference_mode): the deblurrer needs 1.5 KB a pixel at
 # width 32 (the paper and mimo-unet presets, whatever the depth), 0.6-0.8 KB at width 16 (demo), 0.4 KB at width 8
@@ -324,7 +325,7 @@ def ground_truth_index(gt):
         if err.name != "train":
             raise
         layout = None
-    except ValueError:
+    except (ValueError, OSError):
         layout = None  # not a data set: a plain folder of ground-truth images
     if layout and layout != "sharp-photos":
         pairs = {Path(b).resolve(): Path(s) for split in splits.values() for b, s in split}
@@ -344,9 +345,11 @@ def ground_truth_index(gt):
 
     def lookup(path, base):
         relative = Path(os.path.relpath(path, base)).with_suffix("").as_posix()
-        if relative in by_relative:
-            return by_relative[relative], None
-        same_stem = by_stem.get(path.stem, [])
+        partner = "/".join(BLUR_TO_SHARP.get(part, part) for part in relative.split("/"))  # S1/blur/1 -> S1/sharp/1
+        for key in (partner, relative):
+            if key in by_relative and by_relative[key].resolve() != path.resolve():  # never the input itself
+                return by_relative[key], None
+        same_stem = [f for f in by_stem.get(path.stem, []) if f.resolve() != path.resolve()]
         if len(same_stem) == 1:
             return same_stem[0], None
         return None, (f"{len(same_stem)} files named {path.stem}.* in {gt}" if same_stem else f"no {relative}.* "

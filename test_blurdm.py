@@ -1197,6 +1197,22 @@ def test_sample_scores_against_a_folder_by_relative_path_then_stem(tmp_path, sam
     assert code == 0 and "3 skipped" in out2 and f"mean over 2 images: PSNR {mean:.2f} dB" in out2
 
 
+def test_sample_ground_truth_folder_holding_the_inputs_pairs_blur_with_sharp_never_with_itself(tmp_path, sample_ckpt,
+                                                                                                capsys):
+    for sequence in ("S1", "S2"):
+        _sample_save(tmp_path / "test" / sequence / "blur" / "000001.png", seed=1)
+        _sample_save(tmp_path / "test" / sequence / "sharp" / "000001.png", seed=2)
+    code, out, _ = _sample_run([str(tmp_path / "test" / "*" / "blur"), "-o", tmp_path / "out", "--gt",
+                                tmp_path / "test", "--ckpt", sample_ckpt], capsys)
+    assert code == 0
+    with open(tmp_path / "out" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        assert Path(row["ground_truth"]).parent.name == "sharp"
+        assert Path(row["ground_truth"]).parent.parent == Path(row["input"]).parent.parent
+
+
 def test_sample_scores_gopro_and_hide_trees_through_train_find_pairs(tmp_path, sample_ckpt, capsys):
     gopro = tmp_path / "GOPRO_Large"
     for seq in ("GOPR0001_11_00", "GOPR0002_11_00"):

@@ -564,7 +564,7 @@ def train(args, rank, world_size, device, master, say):
     stages, start_step, resume, best_psnr = ([args.stage] if args.stage else [1, 2, 3]), 0, None, None
     last = out / "last.pt"
     try:
-        state = blurdm.load_checkpoint(last, map_location=device) if last.exists() else None
+        state = blurdm.load_checkpoint(last, map_location="cpu") if last.exists() else None  # RNG states stay CPU tensors
         last_stage = state["stage"] if state else None
         last_finished = state is not None and state["step"] >= stage_steps[last_stage - 1]
         if state and last_stage in stages and not last_finished:
@@ -593,7 +593,7 @@ def train(args, rank, world_size, device, master, say):
                     raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} checkpoint: "
                                      f"pass --init (for instance --init {init})")
             if init is not None:
-                model.load_weights(blurdm.load_checkpoint(init, map_location=device), init)
+                model.load_weights(blurdm.load_checkpoint(init, map_location="cpu"), init)
                 say(f"stage {stages[0]} starts from the weights of {init}")
     except ValueError as err:
         fail(err)
@@ -646,7 +646,9 @@ def train(args, rank, world_size, device, master, say):
         what = stage_descriptions[stage] if cfg.prior else "backbone, no prior"
         say(f"stage {stage} ({what}): steps {step}..{total} of batch {cfg.batch_size} at {cfg.crop}px"
             f" ({total / steps_per_epoch:.4g} epochs of {len(train_pairs)} pairs), lr {cfg.lr:g} -> {cfg.lr_min:g}")
-        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", disable=not master, dynamic_ncols=True)
+        interactive = sys.stderr.isatty()  # a bar for people; one line a log step for log files (nohup, sbatch)
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage}", disable=not (master and interactive),
+                   dynamic_ncols=True)
 
         def save(path):
             model.save(path, stage=stage, step=step, run=run, optimizer=optimizer.state_dict(),
@@ -689,6 +691,9 @@ def train(args, rank, world_size, device, master, say):
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}", refresh=False)
             if master and (step % args.log_every == 0 or step == total):
+                if not interactive:
+                    say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | "
+                        f"{1000 * (t2 - t0):.0f} ms (data {1000 * (t1 - t0):.0f} ms)", flush=True)
                 log.write(json.dumps({"stage": stage, "step": step, "loss": loss_value, "lr": lr,
                                       "step_ms": round(1000 * (t2 - t0), 2), "data_ms": round(1000 * (t1 - t0), 2),
                                       "time": time.time()}) + "\n")
