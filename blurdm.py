@@ -493,6 +493,9 @@ def prior_loss(prior, target, cfg):
     return charbonnier(prior, target, cfg.charbonnier_eps)
 
 
+INFERENCE_SEED = 2023  # the official code's seed for the start noise of the reverse chain
+
+
 class CheckpointError(ValueError):
     """A file that is not a loadable BlurDM checkpoint; the message names the file and the problem."""
 
@@ -572,7 +575,12 @@ class BlurDM(nn.Module):
         return eps.expand(n, -1).to(device)
 
     @torch.inference_mode()
-    def prior_for(self, blurry, seed=2023):
+    def sharp_prior(self, blurry, sharp):
+        """Z^S = SE(blur, sharp) for images in [0, 1] of any size: the stage-1 prior (validation of stage 1)."""
+        return self.sharp_encoder(pad_to_multiple(blurry, 8) - 0.5, pad_to_multiple(sharp, 8) - 0.5)
+
+    @torch.inference_mode()
+    def prior_for(self, blurry, seed=INFERENCE_SEED):
         """The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior)."""
         if not self.cfg.prior:
             return None
@@ -580,7 +588,7 @@ class BlurDM(nn.Module):
         return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device).to(x.dtype))
 
     @torch.inference_mode()
-    def deblur(self, blurry, seed=2023, prior=None):
+    def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
         """
         Inference: (B, 3, H, W) in [0, 1], any H and W -> the sharp estimate, same shape, in [0, 1]. The input is
         padded to a multiple of 8 (reflect) and the output cropped back. All T steps run; `seed` fixes ε
@@ -717,10 +725,14 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what read_image is used on
+
+
 def read_image(path, with_alpha=False):
     """
     Read an image file as float RGB (3, H, W) in [0, 1], EXIF orientation applied; 8- and 16-bit, grayscale,
-    palette and alpha modes are converted. With with_alpha, returns (rgb, alpha (1, H, W) or None).
+    palette and alpha modes are converted (Pillow reads 16-bit RGB files at 8 bits; 16-bit grayscale keeps its
+    precision). With with_alpha, returns (rgb, alpha (1, H, W) or None).
     Raises ValueError naming the file for anything that is not a readable image.
     """
     from PIL import Image, ImageOps

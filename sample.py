@@ -29,7 +29,6 @@ from tqdm import tqdm
 import blurdm
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "weights" / "blurdm-demo.pt"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_TAGS = ("_deblurred", "_compare")
 BLUR_TO_SHARP = {"blur": "sharp", "input": "target", "blurry": "sharp"}  # folder names of a pair, for --gt  # files named <stem>_deblurred.* and <stem>_compare.* are our outputs
 
@@ -61,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), metavar="PATH",
                    help="BlurDM checkpoint; it defines the model (default: weights/blurdm-demo.pt)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=int, default=2023, metavar="N",
+    p.add_argument("--seed", type=int, default=blurdm.INFERENCE_SEED, metavar="N",
                    help="seed of the prior's start noise (default 2023, as the official code)")
     p.add_argument("--amp", default="none", choices=("none", "fp16", "bf16"), help="autocast on CUDA")
     p.add_argument("--tile", type=int, default=0, metavar="SIZE",
@@ -96,7 +95,7 @@ def is_output_name(path):
 
 
 def is_image_name(path):
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def images_in(folder, recursive):
@@ -152,7 +151,7 @@ def plan_outputs(inputs, out):
     if out is None:
         return [(p, base, p.with_name(f"{p.stem}_deblurred.png")) for p, base in inputs], None
     out_path = Path(out)
-    as_file = out_path.suffix.lower() in IMAGE_SUFFIXES and not out_path.is_dir() and not out.endswith(("/", os.sep))
+    as_file = out_path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not out_path.is_dir() and not out.endswith(("/", os.sep))
     if as_file:
         if len(inputs) > 1:
             raise InputError(f"-o {out}: a file name, but there are {len(inputs)} inputs; give a folder instead")

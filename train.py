@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 import blurdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BLUR_MARGIN = 32  # synthetic blur is rendered this much beyond the crop, so grid_sample's reflected border stays out
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,7 +44,7 @@ def list_images(folder):
     found = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in relative.parts) \
+        if path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not any(p.startswith(".") for p in relative.parts) \
                 and path.is_file():
             found[relative.with_suffix("").as_posix()] = str(path)
     return found
@@ -177,7 +176,7 @@ def find_pairs(root):
                              "GoPro, its flat copy, RealBlur, HIDE, blur/ + sharp/, or a folder of sharp photographs")
         photos = list_images(root)
         if not photos:
-            raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{root}: no images found (looked for {', '.join(blurdm.IMAGE_SUFFIXES)})")
         layout, splits = "sharp-photos", {"train": [(None, path) for path in photos.values()]}
         if (root / "train").is_dir() and (root / "test").is_dir():  # photographs already split: test/ validates
             splits = {split: [(None, path) for path in list_images(root / split).values()] for split in ("train", "test")}
@@ -378,8 +377,7 @@ def validate(model, images, stage, device):
         prior = None
         if model.cfg.prior and stage == 1:
             model.eval()
-            pad = lambda x: blurdm.pad_to_multiple(x, 8) - 0.5
-            prior = model.sharp_encoder(pad(blur), pad(sharp))
+            prior = model.sharp_prior(blur, sharp)
         out = blurdm.to_uint8(model.deblur(blur, prior=prior)[0])
         psnrs.append(blurdm.psnr(out, sharp_u8.to(device)))
         ssims.append(blurdm.ssim(out, sharp_u8.to(device)))
