@@ -369,10 +369,12 @@ def score(output_uint8, gt_path, device):
 
 def write_scores(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["input", "output", "ground_truth", "psnr_db", "ssim", "seconds"])
         writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,6 +454,8 @@ def main(argv=None):
             continue
         except (RuntimeError, MemoryError) as err:  # out of memory, mostly: say what to change
             failed += 1
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next image starts from a clean allocator
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             hint = " (a smaller --max-pixels or --tile needs less memory)" if isinstance(err, MemoryError) or \
                 "memory" in first.lower() or "alloc" in first.lower() else ""
