@@ -105,8 +105,9 @@ def main():
             cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device,
                    "--repeat", str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
             done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{preset} {size}: failed: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+            if done.returncode != 0:  # a case killed for memory leaves no message: say so
+                why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
+                print(f"{preset} {size}: failed: {why}", file=sys.stderr)
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
