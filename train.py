@@ -321,8 +321,9 @@ def mix_seed(*numbers):
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
-def ignore_sigint(worker_id):  # Ctrl-C reaches the whole process group: the main process alone decides
+def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def load_validation(pairs, val_crop, seed, problems):
@@ -639,7 +640,7 @@ def train(args, rank, world_size, device, master, say):
         sampler = StepSampler(len(train_pairs), cfg.batch_size, steps_per_epoch, cfg.seed, stage, step, total,
                               rank, world_size)
         loader = DataLoader(dataset, batch_size=cfg.batch_size // world_size, sampler=sampler,
-                            num_workers=args.workers, worker_init_fn=ignore_sigint, pin_memory=device.type == "cuda")
+                            num_workers=args.workers, worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda")
         batches = iter(loader)
         what = stage_descriptions[stage] if cfg.prior else "backbone, no prior"
         say(f"stage {stage} ({what}): steps {step}..{total} of batch {cfg.batch_size} at {cfg.crop}px"
