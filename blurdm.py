@@ -134,27 +134,27 @@ def linear_to_srgb(x):
     return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)
 
 
-def camera_shake(num_subframes=40, length=20.0, rotation=0.0, zoom=0.0, generator=None):
+def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120.0, generator=None):
     """
-    A random camera-shake path, after Boracchi & Foi (2012): a random walk whose velocity has momentum.
-    Returns (N, 4) float64, one row per sub-frame: shift dx, dy in pixels, rotation in radians, log zoom.
-    `length` is the path length in pixels; `rotation` (degrees) and `zoom` (relative) are the total change over
-    the exposure, which makes the blur vary across the image. The middle sub-frame is the identity, so it is the
-    sharp image itself (GoPro's convention).
+    A random camera path over one exposure. Returns (N, 4) float64, one row per sub-frame: shift dx, dy in pixels,
+    rotation in radians, log zoom. The camera moves at constant speed along a heading that turns smoothly (its rate
+    of turn is a random walk, `turn` degrees its typical total), which gives the straight lines, arcs and S-curves of
+    blur kernels in hand-held video. `length` is the path length in pixels; `rotation` (degrees) and `zoom`
+    (relative) are the total change over the exposure, which makes the blur vary across the image.
+    The sharp image is the time centre of the exposure (the middle sub-frame when N is odd: GoPro's convention).
+    Constant speed is what makes that target learnable: the time centre is then the middle of the streak the blurred
+    image shows. Under a speed that varies (a shaky random walk) it is not: a sharp image moved to the streak's
+    centroid scores no better than the blurry input, and a network can only learn to hedge (README, model card).
     """
-    n = num_subframes
-    accel = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-    velocity = torch.zeros(n, 2, dtype=torch.float64)
-    v = torch.randn(2, generator=generator, dtype=torch.float64)
-    for k in range(n):
-        v = 0.8 * v + 0.6 * accel[k]  # momentum keeps the path smooth; fresh acceleration makes it wander
-        velocity[k] = v
-    position = torch.cumsum(velocity, 0)
-    travelled = (position[1:] - position[:-1]).norm(dim=1).sum().clamp(min=1e-12)
-    position = position * (length / travelled)
+    n, g = num_subframes, generator
+    f64 = dict(generator=g, dtype=torch.float64)
+    rate = torch.randn((), **f64) + torch.cumsum(torch.randn(n, **f64), 0) / math.sqrt(n)  # rate of turn, smooth
+    heading = 2 * math.pi * torch.rand((), **f64) + torch.cumsum(rate, 0) * math.radians(turn) / n
+    steps = torch.stack([heading.cos(), heading.sin()], 1) * (length / max(n - 1, 1))
+    position = torch.cat([torch.zeros(1, 2, dtype=torch.float64), torch.cumsum(steps[:-1], 0)])
     ramp = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
     path = torch.cat([position, (math.radians(rotation) * ramp)[:, None], (math.log1p(zoom) * ramp)[:, None]], 1)
-    return path - path[n // 2]
+    return path - (path[(n - 1) // 2] + path[n // 2]) / 2
 
 
 def warp(image, dx, dy, angle, log_zoom):
@@ -200,7 +200,7 @@ def render_exposures(sharp, path, alpha):
     return B, e
 
 
-def synthesize_blur(sharp, generator=None, length=(4.0, 30.0), subframes=40, max_rotation=2.0, max_zoom=0.02,
+def synthesize_blur(sharp, generator=None, length=(4.0, 30.0), subframes=41, max_rotation=2.0, max_zoom=0.02,
                     noise=(0.0, 0.01)):
     """
     A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera-shake path
@@ -436,6 +436,9 @@ class MIMOUNet(nn.Module):
         self.squeeze = nn.ModuleList([conv(4 * c, 2 * c, 1), conv(2 * c, c, 1)])
         self.to_image = nn.ModuleList([conv(4 * c, 3, 3, relu=False), conv(2 * c, 3, 3, relu=False),
                                        conv(c, 3, 3, relu=False)])
+        for layer in self.to_image:  # start as the identity (out = input), not as the input plus random residuals
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch) for ch in (4 * c, 2 * c, c)]) \
             if cfg.prior else None
 

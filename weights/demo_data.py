@@ -3,6 +3,7 @@ The data behind the demo weights, rebuilt from Debian's wallpaper packages (no d
 
     apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds
     python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout/{blur,sharp}
+    python weights/demo_data.py --example            # -> assets/example_blurry.png from assets/example_sharp.png
 
 Each photograph (the largest copy of it) is halved to about 1280 px wide. Four are held out (data/photos/test), and
 each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
@@ -38,11 +39,13 @@ def main(out=Path("data")):
     if len(photos) < 20:
         sys.exit(f"found {len(photos)} photographs; install plasma-workspace-wallpapers and mate-backgrounds first")
     for name, path in photos.items():
+        target = out / "photos" / ("test" if name in HELD_OUT else "train") / f"{name}.png"
+        if target.exists():  # the same bytes again; rewriting would disturb a training run reading them
+            continue
         image = Image.open(path).convert("RGB")
         image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
-        split = "test" if name in HELD_OUT else "train"
-        (out / "photos" / split).mkdir(parents=True, exist_ok=True)
-        image.save(out / "photos" / split / f"{name}.png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
     print(f"{out / 'photos'}: {len(photos) - len(HELD_OUT)} train, {len(HELD_OUT)} test photographs")
 
     psnrs, ssims = [], []
@@ -59,5 +62,18 @@ def main(out=Path("data")):
     print(f"blurry inputs, mean of {len(psnrs)}: PSNR {sum(psnrs) / len(psnrs):.2f} dB, SSIM {sum(ssims) / len(ssims):.4f}")
 
 
+def example(assets=Path(__file__).resolve().parent.parent / "assets"):
+    """The README's example: a 12 px camera path over "Evening Glow" (held out), little rotation, zoom and noise."""
+    sharp = blurdm.read_image(assets / "example_sharp.png")
+    blurry = blurdm.synthesize_blur(sharp, generator=torch.Generator().manual_seed(2023), length=(12.0, 12.0),
+                                    max_rotation=0.5, max_zoom=0.005, noise=(0.005, 0.005))
+    blurdm.write_image(blurry, assets / "example_blurry.png")
+    a, b = blurdm.to_uint8(blurry), blurdm.to_uint8(sharp)
+    print(f"{assets / 'example_blurry.png'}: PSNR {blurdm.psnr(a, b):.2f} dB, SSIM {blurdm.ssim(a, b):.4f}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--example"]:
+        example()
+    else:
+        main()
