@@ -203,7 +203,7 @@ def render_exposures(sharp, path, alpha):
 def synthesize_blur(sharp, generator=None, length=(4.0, 30.0), subframes=41, max_rotation=2.0, max_zoom=0.02,
                     noise=(0.0, 0.01)):
     """
-    A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera-shake path
+    A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path
     (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
     re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
     """

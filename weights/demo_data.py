@@ -34,6 +34,11 @@ def sources():
     return found
 
 
+def scored(blurry, sharp):
+    """The pair as the metrics see it: rounded 8-bit images."""
+    return blurdm.to_uint8(blurry), blurdm.to_uint8(sharp)
+
+
 def main(out=Path("data")):
     photos = sources()
     if len(photos) < 20:
@@ -55,9 +60,8 @@ def main(out=Path("data")):
         for folder, image in (("sharp", sharp), ("blur", blurry)):
             (out / "heldout" / folder).mkdir(parents=True, exist_ok=True)
             blurdm.write_image(image, out / "heldout" / folder / f"{name}.png")
-        a, b = blurdm.to_uint8(blurry), blurdm.to_uint8(sharp)
-        psnrs.append(blurdm.psnr(a, b))
-        ssims.append(blurdm.ssim(a, b))
+        psnrs.append(blurdm.psnr(*scored(blurry, sharp)))
+        ssims.append(blurdm.ssim(*scored(blurry, sharp)))
         print(f"{name}: blurry input PSNR {psnrs[-1]:.2f} dB, SSIM {ssims[-1]:.4f}")
     print(f"blurry inputs, mean of {len(psnrs)}: PSNR {sum(psnrs) / len(psnrs):.2f} dB, SSIM {sum(ssims) / len(ssims):.4f}")
 
@@ -68,8 +72,8 @@ def example(assets=Path(__file__).resolve().parent.parent / "assets"):
     blurry = blurdm.synthesize_blur(sharp, generator=torch.Generator().manual_seed(2023), length=(12.0, 12.0),
                                     max_rotation=0.5, max_zoom=0.005, noise=(0.005, 0.005))
     blurdm.write_image(blurry, assets / "example_blurry.png")
-    a, b = blurdm.to_uint8(blurry), blurdm.to_uint8(sharp)
-    print(f"{assets / 'example_blurry.png'}: PSNR {blurdm.psnr(a, b):.2f} dB, SSIM {blurdm.ssim(a, b):.4f}")
+    print(f"{assets / 'example_blurry.png'}: PSNR {blurdm.psnr(*scored(blurry, sharp)):.2f} dB, "
+          f"SSIM {blurdm.ssim(*scored(blurry, sharp)):.4f}")
 
 
 if __name__ == "__main__":
