@@ -10,6 +10,7 @@ It is a benchmark, not a test: numbers depend on the machine and on whatever els
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -39,7 +40,7 @@ def timed(fn, device, repeat):
     return min(times)
 
 
-def run_case(preset, size, device, repeat, train_step, compile_model, channels_last):
+def run_case(preset, size, device, repeat, train_step, compile_model, channels_last, amp):
     """Measure one (preset, size) in this process; returns a dict."""
     device = torch.device(device)
     H, W = size
@@ -53,8 +54,13 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
         model.deblurrer = torch.compile(model.deblurrer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    total = timed(lambda: model.deblur(x), device, repeat)
-    prior = timed(lambda: model.prior_for(x), device, repeat) if model.cfg.prior else 0.0
+
+    def autocast():
+        return torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
+
+    with autocast():
+        total = timed(lambda: model.deblur(x), device, repeat)
+        prior = timed(lambda: model.prior_for(x), device, repeat) if model.cfg.prior else 0.0
     row = dict(preset=preset, size=f"{W}x{H}", device=str(device), params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                seconds=total, megapixels_per_s=H * W / 1e6 / total, prior_share=prior / total)
     if device.type == "cuda":
@@ -68,7 +74,8 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
         optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
 
         def step():
-            loss = model.loss(*batch, stage=3)
+            with autocast():
+                loss = model.loss(*batch, stage=3)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -86,7 +93,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the deblurrer (compile time excluded)")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="convert the weights too (deblur() already "
+                        "runs its CPU input in channels_last)")
+    parser.add_argument("--amp", choices=("bfloat16", "float16"), help="autocast inference and the training step")
     parser.add_argument("--json", default="bench.json", help="where to write the table")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
     args = parser.parse_args()
@@ -94,7 +103,7 @@ def main():
     if args.case:
         preset, size, train = args.case.split(":")
         W, H = map(int, size.split("x"))
-        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last)
+        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last, args.amp)
         print(json.dumps(row))
         return
 
@@ -104,6 +113,7 @@ def main():
             train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
             cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device,
                    "--repeat", str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
+            cmd += ["--amp", args.amp] if args.amp else []
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:  # a case killed for memory leaves no message: say so
                 why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
@@ -116,7 +126,8 @@ def main():
                   f"{r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior {100 * r['prior_share']:4.1f} % | "
                   f"peak {r['peak_MiB']:7.0f} MiB | train step {train_text}", flush=True)
     with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
+                   "channels_last": args.channels_last, "amp": args.amp, "rows": rows}, f, indent=1)
     print(f"wrote {args.json}")
 
 

@@ -725,6 +725,26 @@ def test_train_photographs_get_a_synthetic_blur_of_the_same_crop(tmp_path):
     assert (blur - sharp).abs().mean() < 0.25  # the same content, blurred; not another crop
 
 
+def test_train_cache_decodes_each_photo_once_per_worker_and_changes_no_sample(tmp_path, monkeypatch):
+    for k in range(2):
+        _train_png(tmp_path / f"photo{k}.png", k, size=(96, 96))
+    pairs = [(None, str(tmp_path / f"photo{k}.png")) for k in range(2)]
+    items = [(k % 2, seed) for k, seed in enumerate(range(8))]
+    plain = [train.PairDataset(pairs, crop=32)[item] for item in items]
+    reads = []
+    read_image = blurdm.read_image
+    monkeypatch.setattr(blurdm, "read_image", lambda path: reads.append(path) or read_image(path))
+    cached = train.PairDataset(pairs, crop=32, cache_mb=1)
+    for item, expected in zip(items + items, plain + plain):  # twice: a cached pair is not altered by its use
+        assert all(torch.equal(a, b) for a, b in zip(cached[item][:2], expected[:2]))
+    assert sorted(reads) == [pair[1] for pair in pairs]
+    reads.clear()
+    small = train.PairDataset(pairs, crop=32, cache_mb=96 * 96 * 3 * 4 / 2 ** 20)  # room for one photograph
+    for item in items:
+        small[item]
+    assert len(reads) == 1 + len(items) // 2  # the first is kept, the second decoded every time
+
+
 def test_train_sampler_resumed_at_step_n_continues_the_same_stream():
     full = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=0, total_steps=6))
     resumed = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=3, total_steps=6))

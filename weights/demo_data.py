@@ -4,25 +4,29 @@ The data behind the demo weights, rebuilt from Debian's wallpaper packages (no d
     apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds
     python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout/{blur,sharp}
     python weights/demo_data.py --example            # -> assets/example_blurry.png from assets/example_sharp.png
+    python weights/demo_data.py --figure             # -> assets/figure.jpg: blurry | deblurred | sharp
 
 Each photograph (the largest copy of it) is halved to about 1280 px wide. Four are held out (data/photos/test), and
 each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
 inputs' own PSNR / SSIM are printed at the end.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # blurdm.py, one level up
 import blurdm  # noqa: E402
 
 HELD_OUT = ("EveningGlow", "ColorfulCups", "LadyBird", "Path")
 KDE_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
               "OneStandsOut", "Path", "summer_1am")  # the other KDE wallpapers are illustrations
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
 
 
 def sources():
@@ -66,18 +70,42 @@ def main(out=Path("data")):
     print(f"blurry inputs, mean of {len(psnrs)}: PSNR {sum(psnrs) / len(psnrs):.2f} dB, SSIM {sum(ssims) / len(ssims):.4f}")
 
 
-def example(assets=Path(__file__).resolve().parent.parent / "assets"):
+def example():
     """The README's example: a 12 px camera path over "Evening Glow" (held out), little rotation, zoom and noise."""
-    sharp = blurdm.read_image(assets / "example_sharp.png")
+    sharp = blurdm.read_image(ASSETS / "example_sharp.png")
     blurry = blurdm.synthesize_blur(sharp, generator=torch.Generator().manual_seed(2023), length=(12.0, 12.0),
                                     max_rotation=0.5, max_zoom=0.005, noise=(0.005, 0.005))
-    blurdm.write_image(blurry, assets / "example_blurry.png")
-    print(f"{assets / 'example_blurry.png'}: PSNR {blurdm.psnr(*scored(blurry, sharp)):.2f} dB, "
+    blurdm.write_image(blurry, ASSETS / "example_blurry.png")
+    print(f"{ASSETS / 'example_blurry.png'}: PSNR {blurdm.psnr(*scored(blurry, sharp)):.2f} dB, "
           f"SSIM {blurdm.ssim(*scored(blurry, sharp)):.4f}")
 
 
+def figure(weights=ROOT / "weights" / "blurdm-demo.pt"):
+    """The README's figure: the example blurry | deblurred with the demo weights | sharp, each at half size."""
+    model = blurdm.BlurDM.from_checkpoint(weights).float()
+    blurry = blurdm.read_image(ASSETS / "example_blurry.png")
+    sharp = blurdm.read_image(ASSETS / "example_sharp.png")
+    with torch.inference_mode():
+        deblurred = model.deblur(blurry[None])[0]
+    w, h = sharp.shape[2] // 2, sharp.shape[1] // 2
+    canvas = Image.new("RGB", (3 * w, h))
+    for i, panel in enumerate((blurry, deblurred, sharp)):
+        image = Image.fromarray(blurdm.to_uint8(panel).permute(1, 2, 0).numpy())
+        canvas.paste(image.resize((w, h), Image.LANCZOS), (i * w, 0))
+    canvas.save(ASSETS / "figure.jpg", quality=90)
+    print(f"{ASSETS / 'figure.jpg'}: deblurred PSNR {blurdm.psnr(*scored(deblurred, sharp)):.2f} dB "
+          f"(blurry {blurdm.psnr(*scored(blurry, sharp)):.2f} dB)")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--example"]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--example", action="store_true", help="rebuild assets/example_blurry.png")
+    what.add_argument("--figure", action="store_true", help="rebuild assets/figure.jpg with the demo weights")
+    args = parser.parse_args()
+    if args.example:
         example()
+    elif args.figure:
+        figure()
     else:
         main()
