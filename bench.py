@@ -56,7 +56,8 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
         torch.cuda.reset_peak_memory_stats()
 
     def autocast():
-        return torch.autocast(device.type, dtype=getattr(torch, amp)) if amp else contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
 
     with autocast():
         total = timed(lambda: model.deblur(x), device, repeat)
@@ -95,7 +96,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the deblurrer (compile time excluded)")
     parser.add_argument("--channels-last", action="store_true", help="convert the weights too (deblur() already "
                         "runs its CPU input in channels_last)")
-    parser.add_argument("--amp", choices=("bfloat16", "float16"), help="autocast inference and the training step")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast inference and the training step")
     parser.add_argument("--json", default="bench.json", help="where to write the table")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
     args = parser.parse_args()

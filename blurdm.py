@@ -200,7 +200,10 @@ def render_exposures(sharp, path, alpha):
     return B, e
 
 
-def synthesize_blur(sharp, generator=None, length=(4.0, 30.0), subframes=41, max_rotation=2.0, max_zoom=0.02,
+BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, from slight to strong
+
+
+def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
                     noise=(0.0, 0.01)):
     """
     A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path

@@ -725,6 +725,21 @@ def test_train_photographs_get_a_synthetic_blur_of_the_same_crop(tmp_path):
     assert (blur - sharp).abs().mean() < 0.25  # the same content, blurred; not another crop
 
 
+def test_train_blur_length_sets_the_camera_path_of_photographs(tmp_path, monkeypatch, capsys):
+    _train_png(tmp_path / "photo.png", 3, size=(96, 96))
+    pairs = [(None, str(tmp_path / "photo.png"))]
+    change = {}
+    for length in ((0.0, 0.0), (30.0, 30.0)):
+        dataset = train.PairDataset(pairs, crop=32, blur_length=length)
+        change[length] = sum((b - s).abs().mean().item() for b, s, _ in (dataset[(0, seed)] for seed in range(4)))
+    assert change[(0.0, 0.0)] < 0.02 * 4  # a still camera: the sharp crop plus sensor noise (σ ≤ 0.01) and rounding
+    assert change[(30.0, 30.0)] > 5 * change[(0.0, 0.0)]
+    for bad in ("5", "4,x", "9,3", "-1,3"):
+        with pytest.raises(SystemExit) as exit_info:
+            _train_main(["--data", tmp_path, "--blur-length", bad], monkeypatch)
+        assert exit_info.value.code == 2 and "--blur-length" in capsys.readouterr().err
+
+
 def test_train_cache_decodes_each_photo_once_per_worker_and_changes_no_sample(tmp_path, monkeypatch):
     for k in range(2):
         _train_png(tmp_path / f"photo{k}.png", k, size=(96, 96))

@@ -225,13 +225,16 @@ def check_pairs(pairs, min_size, problems):
 # Training samples: random crops, flips and 90° rotations, identical for both images
 
 
-def render_window(sharp, top, left, h, w, generator):
-    """A synthetic blurry/sharp pair for the (h, w) window of `sharp` at (top, left), rendered with a margin."""
+def render_window(sharp, top, left, h, w, generator, blur_length):
+    """
+    A synthetic blurry/sharp pair for the (h, w) window of `sharp` at (top, left), rendered with a margin; the camera
+    path's length is drawn from `blur_length` (lo, hi) pixels.
+    """
     H, W = sharp.shape[-2:]
     m_top, m_left = min(BLUR_MARGIN, top), min(BLUR_MARGIN, left)
     m_bottom, m_right = min(BLUR_MARGIN, H - top - h), min(BLUR_MARGIN, W - left - w)
     window = sharp[:, top - m_top:top + h + m_bottom, left - m_left:left + w + m_right]
-    blurry = blurdm.synthesize_blur(window, generator=generator)
+    blurry = blurdm.synthesize_blur(window, generator=generator, length=blur_length)
     inner = lambda x: x[:, m_top:m_top + h, m_left:m_left + w]
     return inner(blurry), inner(window)
 
@@ -254,8 +257,8 @@ class PairDataset(Dataset):
     once per worker, not once per sample (decoding is half of a sample's CPU time on the demo recipe).
     """
 
-    def __init__(self, pairs, crop, cache_mb=0):
-        self.pairs, self.crop = pairs, crop
+    def __init__(self, pairs, crop, cache_mb=0, blur_length=blurdm.BLUR_LENGTH):
+        self.pairs, self.crop, self.blur_length = pairs, crop, blur_length
         self.cache, self.cache_room = {}, cache_mb * 2 ** 20  # filled separately in each worker process
 
     def __len__(self):
@@ -290,7 +293,7 @@ class PairDataset(Dataset):
         top = torch.randint(sharp.shape[1] - c + 1, (), generator=g).item()
         left = torch.randint(sharp.shape[2] - c + 1, (), generator=g).item()
         if blur is None:
-            blur, sharp = render_window(sharp, top, left, c, c, g)
+            blur, sharp = render_window(sharp, top, left, c, c, g, self.blur_length)
         else:
             blur, sharp = blur[:, top:top + c, left:left + c], sharp[:, top:top + c, left:left + c]
         (flip_h, flip_v), quarter_turns = (torch.rand(2, generator=g) < 0.5).tolist(), torch.randint(4, (), generator=g).item()
@@ -340,7 +343,7 @@ def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def load_validation(pairs, val_crop, seed, problems):
+def load_validation(pairs, val_crop, seed, problems, blur_length=blurdm.BLUR_LENGTH):
     """Fixed centre crops (val_crop 0: full images) as uint8; photographs get a fixed seeded blur each."""
     images = []
     for j, (blur_path, sharp_path) in enumerate(pairs):
@@ -354,7 +357,8 @@ def load_validation(pairs, val_crop, seed, problems):
         h, w = (min(val_crop, H), min(val_crop, W)) if val_crop else (H - 2 * margin, W - 2 * margin)
         top, left = (H - h) // 2, (W - w) // 2
         if blur is None:
-            blur, sharp = render_window(sharp, top, left, h, w, torch.Generator().manual_seed(mix_seed(seed, 0, j)))
+            g = torch.Generator().manual_seed(mix_seed(seed, 0, j))
+            blur, sharp = render_window(sharp, top, left, h, w, g, blur_length)
         else:
             blur, sharp = blur[:, top:top + h, left:left + w], sharp[:, top:top + h, left:left + w]
         images.append((blurdm.to_uint8(blur), blurdm.to_uint8(sharp)))
@@ -438,6 +442,17 @@ def parse_lengths(text, name, kind):
     return values
 
 
+def blur_range(text):
+    """--blur-length LO,HI: the range of camera path lengths, in pixels, for photographs blurred on the fly."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes LO,HI in pixels, got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def fail(message):
     print(f"train.py: error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -464,6 +479,9 @@ def main():
     parser.add_argument("--lr-min", type=float, help="end of the cosine decay (preset: 1e-6)")
     parser.add_argument("--seed", type=int, help="(preset: 2023)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (0: load in the loop)")
+    parser.add_argument("--blur-length", type=blur_range, default=blurdm.BLUR_LENGTH,
+                        help="camera path lengths in pixels for sharp photographs blurred on the fly "
+                             "(default: %g,%g; 0,30 also shows the network sharp inputs)" % blurdm.BLUR_LENGTH)
     parser.add_argument("--cache-mb", type=int, default=1024,
                         help="decoded images each worker keeps in memory, in MiB (default: 1024; 0: decode every time)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -551,7 +569,7 @@ def train(args, rank, world_size, device, master, say):
     if not train_pairs:
         fail(f"{problems[0].removesuffix('; skipped')}; no usable training pairs left" if problems
              else f"{args.data}: no usable training pairs")
-    val_images = load_validation(val_pairs, args.val_crop, cfg.seed, problems)
+    val_images = load_validation(val_pairs, args.val_crop, cfg.seed, problems, args.blur_length)
     if val_images:
         input_psnr = sum(blurdm.psnr(b, s) for b, s in val_images) / len(val_images)
         say(f"validation: {len(val_images)} images, " + (f"centre crops of at most {args.val_crop}px" if args.val_crop else
@@ -626,7 +644,7 @@ def train(args, rank, world_size, device, master, say):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    dataset = PairDataset(train_pairs, cfg.crop, args.cache_mb)
+    dataset = PairDataset(train_pairs, cfg.crop, args.cache_mb, args.blur_length)
     log = open(out / "log.jsonl", "a") if master else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16) if amp else nullcontext()
     bad_files = set()
