@@ -269,13 +269,15 @@ def deblur(model, x, args, max_pixels, device):
     tile = args.tile or (max(8 * (math.isqrt(max_pixels) // 8), 2 * args.tile_overlap + 8)
                          if max_pixels and H * W > max_pixels else 0)  # tiles mostly of overlap cost too much
     precision = precision_on(device, args.amp)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])) \
-        if precision != "fp32" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision != "fp32" else nullcontext()
     with autocast:
         prior = image_prior(model, x, args.seed)
         if tile and (H > tile or W > tile):
             return deblur_tiled(model, x, prior, tile, args.tile_overlap, args.seed)
         return model.deblur(x, args.seed, prior).float(), ""
+
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def precision_on(device, amp):

@@ -744,7 +744,7 @@ def test_train_cache_decodes_each_photo_once_per_worker_and_changes_no_sample(tm
     for k in range(2):
         _train_png(tmp_path / f"photo{k}.png", k, size=(96, 96))
     pairs = [(None, str(tmp_path / f"photo{k}.png")) for k in range(2)]
-    items = [(k % 2, seed) for k, seed in enumerate(range(8))]
+    items = [(seed % 2, seed) for seed in range(8)]  # (photo, sample seed)
     plain = [train.PairDataset(pairs, crop=32)[item] for item in items]
     reads = []
     read_image = blurdm.read_image

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # blurdm.py, one level up
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+sys.path.insert(0, str(ROOT))  # blurdm.py
 import blurdm  # noqa: E402
 
 HELD_OUT = ("EveningGlow", "ColorfulCups", "LadyBird", "Path")
 KDE_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
               "OneStandsOut", "Path", "summer_1am")  # the other KDE wallpapers are illustrations
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
 
 
 def sources():
