@@ -25,18 +25,23 @@ Time steps run t = 1..T as in the paper. Every schedule tensor has length T + 1 
 
 Sections, in reading order:
     1. Config                BlurDMConfig and its presets
-    2. Blur formation        camera shake -> exposure sequence B_0..B_T, synthetic training pairs   (BLURDM.md §1)
+    2. Blur formation        camera shake -> exposure sequence B_0..B_T, synthetic training pairs   (METHOD.md §1)
     3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop                  (§2-3)
     4. Latent prior          encoder, residual estimators, prior fusion module                      (§4)
-    5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level          (§5)
-    6. The full model        BlurDM: the three training stages, losses, deblur()                    (§6)
-    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                            (§8)
-    8. Files                 checkpoints and images
+    5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level
+    6. The full model        BlurDM: any deblurrer, the three training stages, losses, deblur()   (§5)
+    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                            (§6)
+    8. Files                 checkpoints, images, folders, precision
+
+METHOD.md, beside this file, derives the equations the code cites.
 """
 
 import math
 import os
+import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,6 +84,15 @@ class BlurDMConfig:
     seed: int = 2023
 
     def __post_init__(self):
+        """Types and ranges are checked, as a checkpoint's config is read from a file (width 1e6 would ask for TBs)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or \
+                (kind is float and type(value) is int) or (kind is tuple and isinstance(value, list))
+            if not ok:
+                raise ValueError(f"config field {f.name} must be {kind.__name__}, not {value!r}")
+            if f.name in LIMITS and not LIMITS[f.name][0] <= value <= LIMITS[f.name][1]:
+                raise ValueError(f"config field {f.name} must be in [{LIMITS[f.name][0]}, {LIMITS[f.name][1]}], not {value!r}")
         self.stage_epochs = tuple(self.stage_epochs)
         if self.beta_bar_rule not in ("paper", "official"):
             raise ValueError(f"beta_bar_rule must be 'paper' or 'official', not {self.beta_bar_rule!r}")
@@ -107,6 +121,9 @@ class BlurDMConfig:
                 if f.name not in RECIPE_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
 
 
+LIMITS = dict(width=(1, 512), num_res=(1, 100), dropout=(0.0, 1.0), latent_dim=(1, 4096), encoder_width=(1, 1024),
+              encoder_blocks=(0, 100), estimator_layers=(1, 100), T=(1, 1000), beta_start=(0.0, 10.0),
+              beta_end=(0.0, 10.0), crop=(4, 8192), batch_size=(1, 1 << 16))
 RECIPE_FIELDS = ("fft_weight", "charbonnier_eps", "prior_loss", "crop", "batch_size", "lr", "lr_min", "stage_epochs",
                  "seed")
 
@@ -121,7 +138,7 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Blur formation (BLURDM.md §1): a camera integrates light while the shutter is open
+# 2. Blur formation (METHOD.md §1): a camera integrates light while the shutter is open
 
 
 def srgb_to_linear(x):
@@ -171,7 +188,7 @@ def warp(image, dx, dy, angle, log_zoom):
 
 def render_exposures(sharp, path, alpha):
     """
-    Blur formation (BLURDM.md §1). Moves `sharp` (B, 3, H, W, sRGB in [0, 1]) along `path` (N, 4) and integrates
+    Blur formation (METHOD.md §1). Moves `sharp` (B, 3, H, W, sRGB in [0, 1]) along `path` (N, 4) and integrates
     the scene radiance H(τ) in linear light. Sub-frame k lights the time interval [k, k+1) · α_T / N.
     Returns B and e, each (T+1, B, 3, H, W) in linear light:
         B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ          the image exposed for α_t
@@ -204,17 +221,33 @@ BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, fr
 
 
 def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
-                    noise=(0.0, 0.01)):
+                    noise=(0.0, 0.01), window=None):
     """
     A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path
     (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
     re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
+    subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): over
+    51 dB from a 161-sub-frame render, and 2-3x cheaper than 41 on GoPro-like lengths.
+    window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows; it is rendered
+    with a margin (half the longest path, the path being centred, plus room for rotation and zoom) so that the
+    resampling's reflected border stays outside it.
     """
+    if window is not None:
+        top, left, h, w = window
+        m = math.ceil(length[1] / 2) + 8
+        t, l = max(top - m, 0), max(left - m, 0)
+        region = sharp[:, t:top + h + m, l:left + w + m]
+        blurry = synthesize_blur(region, generator, length, subframes, max_rotation, max_zoom, noise)
+        inner = (slice(None), slice(top - t, top - t + h), slice(left - l, left - l + w))
+        return blurry[inner], region[inner]
+
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
     varying = torch.rand((), generator=generator).item() < 0.5
-    path = camera_shake(subframes, uniform(*length), uniform(-max_rotation, max_rotation) * varying,
+    path_length = uniform(*length)
+    n = subframes or 2 * math.ceil(path_length / 2) + 1
+    path = camera_shake(n, path_length, uniform(-max_rotation, max_rotation) * varying,
                         uniform(-max_zoom, max_zoom) * varying, generator=generator)
     B, _ = render_exposures(sharp[None], path, alpha=(1.0,))  # one exposure window: the whole path
     blurry = linear_to_srgb(B[-1, 0])
@@ -223,7 +256,7 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Blur diffusion (BLURDM.md §2-3), on tensors of any shape
+# 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape
 
 
 def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
@@ -254,7 +287,7 @@ class BlurDiffusion(nn.Module):
         self.register_buffer("beta_bar", beta_bar.float(), persistent=False)
 
     def q_step(self, x_prev, t, e_t, eps):
-        """One forward step (BLURDM.md §2): I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
+        """One forward step (METHOD.md §2): I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
         a = self.alpha
         return a[t - 1] / a[t] * x_prev + e_t / a[t] + self.beta[t] * eps
 
@@ -277,7 +310,7 @@ class BlurDiffusion(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Latent prior networks (BLURDM.md §4)
+# 4. Latent prior networks (METHOD.md §4)
 
 
 class EncoderBlock(nn.Module):
@@ -469,7 +502,7 @@ class MIMOUNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. The full model (BLURDM.md §4-6)
+# 6. The full model (METHOD.md §4-5)
 
 
 def charbonnier(x, y, eps):
@@ -481,11 +514,13 @@ def spectrum(x):
 
 
 def deblur_loss(outputs, sharp, cfg):
-    """MIMO-UNet's loss: Σ_s Charbonnier(out_s, sharp_s) + 0.1 Σ_s Charbonnier(FFT out_s, FFT sharp_s)."""
-    targets = [F.interpolate(sharp, scale_factor=0.25, mode="bilinear"),
-               F.interpolate(sharp, scale_factor=0.5, mode="bilinear"), sharp]
+    """
+    MIMO-UNet's loss: Σ_s Charbonnier(out_s, sharp_s) + 0.1 Σ_s Charbonnier(FFT out_s, FFT sharp_s), sharp_s the
+    bilinear downscale of the target to each output's size. `outputs` is one image or a list of scales.
+    """
     content = frequency = 0.0
-    for out, target in zip(outputs, targets):
+    for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        target = sharp if out.shape == sharp.shape else F.interpolate(sharp, size=out.shape[-2:], mode="bilinear")
         out = out.clamp(0, 1)
         content = content + charbonnier(out, target, cfg.charbonnier_eps)
         frequency = frequency + charbonnier(spectrum(out), spectrum(target), cfg.charbonnier_eps)
@@ -500,6 +535,7 @@ def prior_loss(prior, target, cfg):
 
 
 INFERENCE_SEED = 2023  # the official code's seed for the start noise of the reverse chain
+PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy (<= 4.8 GB at d 256)
 
 
 class CheckpointError(ValueError):
@@ -508,17 +544,19 @@ class CheckpointError(ValueError):
 
 class BlurDM(nn.Module):
     """
-    Latent BlurDM on a MIMO-UNet deblurrer. Images enter and leave in [0, 1]; inside, they are shifted to
-    [-0.5, 0.5]. Training stages (BLURDM.md §6):
+    Latent BlurDM on a deblurring network: MIMO-UNet(+) by default, or any `deblurrer` module whose forward is
+    deblurrer(x, prior) -> image or list of scales (full resolution last), with x in [-0.5, 0.5], prior (B, d) or
+    None, and PriorFusion modules where its decoder wants the prior. Images enter and leave in [0, 1].
+    Training stages (METHOD.md §5):
         1. prior = SE(blur, sharp); train SE and the deblurrer with the deblurring loss;
         2. prior = chain(BE(blur)), target = SE(blur, sharp) with SE frozen; train BE and both estimators;
         3. prior = chain(BE(blur)); train BE, the estimators and the deblurrer with the deblurring loss.
     """
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, deblurrer=None):
         super().__init__()
         self.cfg = cfg = cfg or BlurDMConfig()
-        self.deblurrer = MIMOUNet(cfg)
+        self.deblurrer = deblurrer if deblurrer is not None else MIMOUNet(cfg)
         if cfg.prior:
             self.sharp_encoder = LatentEncoder(cfg, batch_norm=True)
             self.blur_encoder = LatentEncoder(cfg, batch_norm=False)
@@ -528,17 +566,18 @@ class BlurDM(nn.Module):
 
     def blur_prior(self, blur, eps=None):
         """Z_0^B: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B. `blur` is in [-0.5, 0.5]."""
-        z_blur = self.blur_encoder(blur, blur).float()  # (B, d); the chain runs in fp32, also under autocast
+        z_blur = self.blur_encoder(blur, blur)  # (B, d)
+        z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # the chain: fp32 at least, also under autocast
         if eps is None:
             eps = torch.randn_like(z_blur)
-        x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps)
+        x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps.to(z_blur))
         return self.diffusion.p_sample_loop(x_T, z_blur, self.blur_estimator, self.noise_estimator)
 
     def forward(self, blur, sharp=None, stage=3, eps=None):
         """
         blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4.
-        Stages 1 and 3 (and a model without prior) return the deblurred images at 1/4, 1/2 and full scale;
-        stage 2 returns (prior, target), the chain's output and the sharp encoder's latent.
+        Stages 1 and 3 (and a model without prior) return the deblurrer's outputs shifted back to [0, 1]
+        (MIMO-UNet: 1/4, 1/2 and full scale); stage 2 returns (prior, target): the chain's output and SE's latent.
         """
         if blur.shape[-1] % 4 or blur.shape[-2] % 4:
             raise ValueError(f"H and W must be divisible by 4, got {tuple(blur.shape[-2:])}; deblur() pads for you")
@@ -553,12 +592,15 @@ class BlurDM(nn.Module):
                 with torch.no_grad():
                     target = self.sharp_encoder(x, sharp - 0.5)
                 return prior, target
-        return [out + 0.5 for out in self.deblurrer(x, prior)]
+        out = self.deblurrer(x, prior)
+        return [o + 0.5 for o in out] if isinstance(out, (list, tuple)) else out + 0.5
 
-    def loss(self, blur, sharp, stage=3):
+    def loss(self, blur, sharp, stage=3, outputs=None):
+        """The stage's loss. `outputs`: what forward() returned through a wrapper (DistributedDataParallel)."""
+        outputs = self(blur, sharp, stage=stage) if outputs is None else outputs
         if self.cfg.prior and stage == 2:
-            return prior_loss(*self(blur, sharp, stage=2), self.cfg)
-        return deblur_loss(self(blur, sharp, stage=stage), sharp, self.cfg)
+            return prior_loss(*outputs, self.cfg)
+        return deblur_loss(outputs, sharp, self.cfg)
 
     def set_stage(self, stage):
         """Put the model in training mode for a stage; returns the parameters that stage optimises."""
@@ -587,46 +629,60 @@ class BlurDM(nn.Module):
 
     @torch.inference_mode()
     def prior_for(self, blurry, seed=INFERENCE_SEED):
-        """The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior)."""
+        """
+        The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior). The blur encoder
+        ends in a global average pool, so the prior describes the whole image; over PRIOR_MAX_PIXELS it sees an
+        area-downscaled copy.
+        """
         if not self.cfg.prior:
             return None
+        H, W = blurry.shape[-2:]
+        if H * W > PRIOR_MAX_PIXELS:
+            scale = math.sqrt(PRIOR_MAX_PIXELS / (H * W))
+            blurry = F.interpolate(blurry, size=(max(8, int(H * scale)), max(8, int(W * scale))), mode="area")
         x = pad_to_multiple(blurry, 8) - 0.5
-        return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device).to(x.dtype))
+        return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device))
 
     @torch.inference_mode()
-    def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
+    def deblur(self, blurry, seed=INFERENCE_SEED, prior=None, tile=0, overlap=64):
         """
-        Inference: (B, 3, H, W) in [0, 1], any H and W -> the sharp estimate, same shape, in [0, 1]. The input is
-        padded to a multiple of 8 (reflect) and the output cropped back. All T steps run; `seed` fixes ε
-        (official: 2023). Pass `prior` to reuse one computed on a whole image, for instance when tiling.
+        Inference: (B, 3, H, W) in [0, 1], any H and W -> the sharp estimate, same shape, in [0, 1]. All T steps
+        run; `seed` fixes ε (official: 2023). With `tile`, an image larger than tile x tile runs in overlapping
+        tiles blended with ramps (deblur_tiled), all of them modulated by one prior computed on the whole image,
+        as the untiled run is; `prior` may also be passed in.
         """
         modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
         self.eval()
         try:
-            H, W = blurry.shape[-2:]
             if prior is None:
                 prior = self.prior_for(blurry, seed)
-            x = pad_to_multiple(blurry, 8) - 0.5
-            if x.device.type == "cpu":  # the layout propagates through the convs: 1.2-1.9x faster on CPU (bench.py)
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = self.deblurrer(x, prior)[-1][..., :H, :W] + 0.5
+            if tile and max(blurry.shape[-2:]) > tile:
+                return deblur_tiled(self.deblur_whole, blurry, prior, tile, overlap)
+            return self.deblur_whole(blurry, prior)
         finally:
             for module, training in modes:
                 module.training = training
-        return out.clamp(0, 1).contiguous()
+
+    def deblur_whole(self, blurry, prior):
+        """The deblurrer on one image or tile, padded to a multiple of 8 (reflect) and cropped back."""
+        H, W = blurry.shape[-2:]
+        x = pad_to_multiple(blurry, 8) - 0.5
+        if x.device.type == "cpu":  # the layout propagates through the convs: 1.2-1.9x faster on CPU (bench.py)
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.deblurrer(x, prior)
+        out = out[-1] if isinstance(out, (list, tuple)) else out
+        return (out[..., :H, :W] + 0.5).clamp(0, 1).contiguous()
 
     # checkpoints
     def save(self, path, **extra):
         """Write config + weights (+ anything in `extra`) atomically: a temp file, then a rename."""
-        checkpoint = {"format": "blurdm", "config": asdict(self.cfg), "model": self.state_dict(), **extra}
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": "blurdm", "config": asdict(self.cfg), "model": self.state_dict(), **extra}, tmp)
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
+    def from_checkpoint(cls, path, map_location="cpu", deblurrer=None):
         checkpoint = load_checkpoint(path, map_location)
-        model = cls(BlurDMConfig.from_dict(checkpoint["config"]))
+        model = cls(BlurDMConfig.from_dict(checkpoint["config"]), deblurrer)
         model.load_weights(checkpoint, path)
         return model.eval()
 
@@ -643,6 +699,52 @@ class BlurDM(nn.Module):
             raise CheckpointError(f"{path}: weights do not match its config ({str(err).splitlines()[0]})") from None
 
 
+def deblur_tiled(deblur_whole, x, prior, tile, overlap):
+    """
+    (B, 3, H, W) -> deblur_whole on overlapping tiles, blended with normalised weights. Tiles are as few as `tile`
+    allows, all one size, neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that the network's
+    1/2 and 1/4 sampling grids fall where they fall in the untiled run.
+    """
+    H, W = x.shape[-2:]
+    overlap = 8 * math.ceil(overlap / 8)
+    tile = max(8 * (tile // 8), overlap + 8)
+    x = pad_to_multiple(x, 8)  # as deblur_whole pads the untiled image
+    (ys, th), (xs, tw) = tile_starts(x.shape[-2], tile, overlap), tile_starts(x.shape[-1], tile, overlap)
+    out, weight = torch.zeros_like(x), torch.zeros_like(x[:, :1])
+    for top in ys:
+        for left in xs:
+            w = blend_ramp(th, overlap, top > 0, top + th < x.shape[-2], x.device)[:, None] * \
+                blend_ramp(tw, overlap, left > 0, left + tw < x.shape[-1], x.device)  # (th, tw)
+            out[..., top:top + th, left:left + tw] += deblur_whole(x[..., top:top + th, left:left + tw], prior) * w
+            weight[..., top:top + th, left:left + tw] += w
+    return (out / weight)[..., :H, :W]
+
+
+def tile_starts(length, tile, overlap):
+    """Starts and size of the tiles covering [0, length), a multiple of 8: n * size - (n - 1) * overlap >= length."""
+    if length <= tile:
+        return [0], length
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = 8 * math.ceil((length + (n - 1) * overlap) / n / 8)
+    return [min(i * (size - overlap), length - size) for i in range(n)], size
+
+
+def blend_ramp(size, overlap, rise, fall, device):
+    """
+    Blend weights along one axis of a tile. On a side with a neighbour the weight rises linearly across the middle
+    half of the overlap and is ~0 in its outer quarter: a tile's output is worst at its own edge (padding where the
+    untiled run sees image), so each tile gives way to its neighbour before its edge error matters.
+    """
+    w = torch.ones(size, device=device)
+    d = torch.arange(overlap, device=device) + 0.5  # distance from the tile's edge
+    edge = ((d - overlap / 4) / (overlap / 2)).clamp(1e-4, 1)  # never exactly 0: weights are divided by their sum
+    if rise and overlap:
+        w[:overlap] = torch.minimum(w[:overlap], edge)
+    if fall and overlap:
+        w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
+    return w
+
+
 def pad_to_multiple(x, multiple):
     """Pad the bottom and right of (B, C, H, W) to a multiple: reflect, or replicate where the image is too small."""
     H, W = x.shape[-2:]
@@ -654,7 +756,7 @@ def pad_to_multiple(x, multiple):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Metrics (BLURDM.md §8): on uint8-rounded RGB, full image, no border crop
+# 7. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
 
 
 def to_uint8(x):
@@ -722,16 +824,99 @@ def load_checkpoint(path, map_location="cpu"):
             raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
                                   "(only weights_only checkpoints are loaded)") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "blurdm" or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "blurdm" or \
+            not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
         raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
     try:
         BlurDMConfig.from_dict(checkpoint["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
+    for name, value in checkpoint["model"].items():
+        if not isinstance(value, torch.Tensor) or (value.is_floating_point() and not torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: weight {name} is " + ("not finite" if isinstance(value, torch.Tensor)
+                                                                 else "not a tensor"))
     return checkpoint
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what read_image is used on
+
+
+def list_images(folder, recursive=True):
+    """Image files in `folder` (and its sub-folders), sorted; hidden files and folders are left out."""
+    folder = Path(folder)
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+PARTNER = {"blur": "sharp", "input": "target"}  # GoPro (not blur_gamma), its flat copy, and blur/ + sharp/ folders
+
+
+def find_pairs(root):
+    """
+    A data set on disk -> ({split: [(blurry path or None, sharp path)]}, [problems, one line each]). A blurry image
+    under a folder named blur/ (input/) pairs with the file of the same relative path, any suffix, under sharp/
+    (target/); HIDE's with the file of its name in GT/; RealBlur's as its list files say (pass the folder or a list).
+    With none of these, the folder holds sharp photographs (blurry None: blurred on the fly). The split is the path's
+    train/ or test/ folder (train if none). Pairs are matched by name, never by sorted position.
+    """
+    root, splits, problems, missing = Path(root), {}, [], []
+    lists = [root.with_name(re.sub("_(train|test)_", f"_{s}_", root.name)) for s in ("train", "test")] \
+        if root.suffix == ".txt" else [root / f"RealBlur_{k}_{s}_list.txt" for k in "JR" for s in ("train", "test")]
+    if not (root.is_dir() or (root.suffix == ".txt" and root.is_file())):
+        raise ValueError(f"{root}: " + ("not a folder (nor a RealBlur list file)" if root.exists() else "no such folder"))
+    for split, list_file in zip(("train", "test") * 2, lists):
+        if list_file.is_file() and not any(s == split for s in splits):  # RealBlur-J preferred over -R
+            try:
+                rows = [line.split() for line in list_file.read_text().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"{list_file}: not a RealBlur list file ({err})") from None
+            pairs = [(list_file.parent / row[1], list_file.parent / row[0]) for row in rows if len(row) >= 2]
+            splits[split] = [(str(b), str(s)) for b, s in pairs if b.is_file() and s.is_file()]
+            missing += [str(p) for pair in pairs for p in pair if not p.is_file()]
+    images = {} if splits else {p.relative_to(root).with_suffix("").as_posix(): p for p in list_images(root)}
+    gt = {key.rsplit("/", 1)[-1]: p for key, p in images.items() if "GT" in key.split("/")[:-1]}
+    blurry = [key for key in images if set(key.split("/")[:-1]) & PARTNER.keys()
+              or (gt and "GT" not in key.split("/") and set(key.split("/")[:-1]) & {"train", "test"})]
+    for key in blurry:
+        parts = key.split("/")
+        i = max((i for i, part in enumerate(parts[:-1]) if part in PARTNER), default=None)
+        partner = gt.get(parts[-1]) if i is None else images.get("/".join([*parts[:i], PARTNER[parts[i]], *parts[i + 1:]]))
+        split = next((part for part in parts[:-1] if part in ("train", "test")), "train")
+        if partner is None:
+            missing.append(str(images[key]))
+        else:
+            splits.setdefault(split, []).append((str(images[key]), str(partner)))
+    paired = {sharp for pairs in splits.values() for _, sharp in pairs}
+    missing += [str(p) for key, p in images.items() if set(key.split("/")[:-1]) & {"sharp", "target"} and str(p) not in paired]
+    if missing:
+        problems.append(f"{root}: {len(missing)} images with no partner ({', '.join(missing[:3])}"
+                        f"{', ...' * (len(missing) > 3)})")
+    lone = next((key for key in images if set(key.split("/")[:-1]) & {"sharp", "target", "GT"}), None)
+    if lone and not blurry:
+        raise ValueError(f"{root}: found {lone} but no blurry partner folder (blur/, input/, or HIDE's train/ and test/)")
+    if images and not blurry:  # sharp photographs, split by train/ and test/ when both are there
+        both = all(any(k.startswith(f"{s}/") for k in images) for s in ("train", "test"))
+        for key, path in images.items():
+            splits.setdefault(key.split("/")[0] if both and key.split("/")[0] in ("train", "test") else "train",
+                              []).append((None, str(path)))
+    splits = {split: pairs for split, pairs in splits.items() if pairs}
+    if not splits:
+        raise ValueError(f"{root}: " + (f"no blurry/sharp pairs matched ({problems[0]})" if problems else
+                                        f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
+    return splits, problems
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary name beside `path` (same suffix) to write to; renamed over `path` only on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_image(path, with_alpha=False):
@@ -765,10 +950,36 @@ def read_image(path, with_alpha=False):
     return (rgb, alpha) if with_alpha else rgb
 
 
-def write_image(rgb, path, alpha=None):
-    """Write (3, H, W) in [0, 1] (and an optional alpha (1, H, W)) as an 8-bit image; the format follows the suffix."""
+def write_image(image, path, alpha=None):
+    """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], and an optional alpha (1, H, W), as an 8-bit image;
+    the format follows the suffix (JPEG and BMP drop the alpha)."""
     from PIL import Image
 
-    x = rgb if alpha is None else torch.cat([rgb, alpha.to(rgb)], 0)
-    arr = to_uint8(x.float().cpu()).permute(1, 2, 0).numpy()
-    Image.fromarray(arr, "RGB" if alpha is None else "RGBA").save(path)
+    if alpha is not None and Path(path).suffix.lower() not in (".jpg", ".jpeg", ".bmp"):
+        image = torch.cat([image, alpha.to(image)], 0)
+    arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]).save(path)
+
+
+def has_native_bf16():
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.mps.is_available()  # Apple silicon
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def autocast(device, amp):
+    """
+    The one mapping from --amp to what runs: (context manager, precision name, note or None). bf16 and fp16 on CUDA;
+    bf16 on a CPU that has it natively; fp32 otherwise, with a note saying why.
+    """
+    device = torch.device(device)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp in dtypes and (device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and has_native_bf16())):
+        return torch.autocast(device.type, dtype=dtypes[amp]), amp, None
+    note = None if amp in (None, "none", "fp32") else \
+        f"--amp {amp} runs in fp32 on {device}: " + ("this CPU has no native bf16 (emulated bf16 is several times "
+                                                     "slower)" if amp == "bf16" else "fp16 is for CUDA")
+    return nullcontext(), "fp32", note

@@ -1,8 +1,8 @@
 """
-Tests that pin blurdm.py to the paper (BLURDM.md): schedule values, the physics of blur formation, the forward and
-reverse processes, the architectures' parameter counts, inference at any size, training, checkpoints and metrics.
-Then train.py (data layouts, the three stages, resume, DDP, faults) and sample.py (inputs, outputs, tiling, scoring,
-errors), with the tiny preset and small generated images.
+The specification of blurdm, as tests. First the method (METHOD.md): schedule values, the physics of blur formation,
+the forward and reverse processes, the architectures' parameter counts, any backbone, inference at any size and in
+tiles, the three training stages, checkpoints and metrics. Then the data-set layouts, train.py (the three stages,
+resume, DDP, evaluation, faults) and sample.py (inputs, outputs, tiling, errors), on the tiny preset and small images.
 Run: python -m pytest -q test_blurdm.py
 """
 
@@ -212,7 +212,7 @@ def test_one_reverse_step_inverts_one_forward_step(photo):
         assert torch.allclose(d.p_sample(x_t, t, e[t], eps), d.q_sample(B[t - 1], t - 1, eps), atol=1e-6)  # float32 α
 
 
-# ------------------------------------------------------------------------------------- architectures (§4-5)
+# ------------------------------------------------------------------------------------- architectures (§4)
 
 
 def test_paper_preset_parameter_counts_match_the_official_code():
@@ -298,7 +298,103 @@ def test_deblur_is_deterministic_given_the_seed_and_leaves_the_model_mode(tiny):
     assert torch.equal(tiny.deblur(x, prior=prior), tiny.deblur(x, seed=1))
 
 
-# ------------------------------------------------------------------------------------------------ training (§6)
+def kaiming(model):
+    """Kaiming-initialised convolutions: like a trained network (unlike the zero-initialised output heads, which make
+    an untrained model the identity) the output moves by ~0.2 on average, depends on the prior, and a tile edge 16 px
+    away changes it by tens of grey levels, so tiling mistakes show."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.eval()
+
+
+def test_tiles_cover_the_image_aligned_to_8_and_overlapping_by_at_least_the_overlap():
+    for length in range(8, 800, 8):
+        for tile, overlap in ((64, 0), (64, 32), (128, 64), (1352, 64)):
+            starts, size = blurdm.tile_starts(length, tile, overlap)
+            assert size <= max(tile, length) and size % 8 == 0 and all(s % 8 == 0 for s in starts)
+            assert starts[0] == 0 and starts[-1] + size == length
+            assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
+            if length > tile:  # as few tiles as the tile size allows
+                assert len(starts) == -(-(length - overlap) // (tile - overlap))
+
+
+def test_tiled_deblur_matches_the_untiled_one_with_one_prior_for_the_whole_image(photo, monkeypatch):
+    """
+    140 x 203 in 2 x 2 tiles. Near a tile's edge the test network is off by up to ~120 grey levels (padding where
+    the untiled run sees image), 32 px in by < 0.05; the blend gives a tile ~0 weight within 16 px of its edge, so
+    with a 64 px overlap the tiled result is within 3 levels everywhere (2 measured). No overlap: seams of > 50.
+    """
+    model = kaiming(BlurDM(BlurDMConfig.preset("tiny")))
+    x = photo[..., 20:160, 30:233]
+    whole = blurdm.to_uint8(model.deblur(x)).int()
+    priors = []
+    blur_prior = model.blur_prior
+    monkeypatch.setattr(model, "blur_prior", lambda *a: priors.append(a[0].shape) or blur_prior(*a))
+    tiled = blurdm.to_uint8(model.deblur(x, tile=136, overlap=64)).int()
+    assert priors == [(1, 3, 144, 208)]  # one prior, from the whole (padded) image
+    assert tiled.shape == whole.shape and (tiled - whole).abs().max() <= 3 and (tiled - whole).abs().float().mean() < 0.1
+    seams = blurdm.to_uint8(model.deblur(x, tile=64, overlap=0)).int()
+    assert (seams - whole).abs().max() > 50
+
+
+class ForeignBackbone(nn.Module):
+    """Someone else's deblurring network: a few convolutions, the prior fused where its decoder wants it."""
+
+    def __init__(self, latent_dim, width=8):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.fuse = blurdm.PriorFusion(latent_dim, width)
+        self.decode = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, x, prior):
+        features = self.encode(x)
+        if prior is not None:
+            features = self.fuse(features, prior)
+        return x + self.decode(features)
+
+
+def test_the_prior_plugs_into_a_foreign_backbone_and_trains_through_the_three_stages(photo, tmp_path):
+    cfg = BlurDMConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = BlurDM(cfg, deblurrer=ForeignBackbone(cfg.latent_dim))
+    sharp = photo[..., :32, :32]
+    blurry = blurdm.synthesize_blur(sharp[0], torch.Generator().manual_seed(0), length=(8, 8))[None]
+    for stage in (1, 2, 3):
+        parameters = model.set_stage(stage)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.Adam(parameters, lr=1e-3)
+        losses = []
+        for _ in range(30):
+            loss = model.loss(blurry, sharp, stage)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < (0.9 if stage < 3 else 0.98) * losses[0], (stage, losses)  # stage 3 starts trained
+        changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == {1: {"sharp_encoder", "deblurrer"}, 2: {"blur_encoder", "blur_estimator", "noise_estimator"},
+                           3: {"blur_encoder", "blur_estimator", "noise_estimator", "deblurrer"}}[stage]
+    model.save(tmp_path / "foreign.pt")
+    loaded = BlurDM.from_checkpoint(tmp_path / "foreign.pt", deblurrer=ForeignBackbone(cfg.latent_dim))
+    assert torch.equal(loaded.deblur(blurry), model.deblur(blurry))
+
+
+def test_the_model_runs_forward_and_backward_in_float64(photo):
+    model = untrained().double()
+    sharp = photo[..., :32, :40].double()
+    blurry = sharp.roll(2, -1)
+    assert model.deblur(blurry).dtype == torch.float64
+    for stage in (2, 3):
+        model.set_stage(stage)
+        loss = model.loss(blurry, sharp, stage)
+        loss.backward()
+        assert loss.dtype == torch.float64 and all(p.grad.dtype == torch.float64 for p in model.parameters()
+                                                   if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------------ training (§5)
 
 
 def test_stage_1_loss_falls_when_overfitting_one_pair(photo):
@@ -437,7 +533,26 @@ def test_fp16_weights_load_into_a_float32_model(tmp_path, tiny):
     assert (loaded.deblur(x) - tiny.deblur(x)).abs().max() < 0.02
 
 
-# ------------------------------------------------------------------------------------------------ metrics (§8)
+def test_a_checkpoint_with_a_bad_config_none_for_weights_or_nan_weights_is_refused(tmp_path, tiny):
+    good = blurdm.asdict(tiny.cfg)
+    cases = {"negative": ({**good, "width": -4}, "width must be in [1, 512]"),
+             "text": ({**good, "width": "16"}, "width must be int"), "fraction": ({**good, "width": 16.5}, "width must be int"),
+             "huge": ({**good, "width": 10 ** 6}, "width must be in"), "flag": ({**good, "prior": 1}, "prior must be bool")}
+    for name, (config, message) in cases.items():
+        torch.save({"format": "blurdm", "config": config, "model": tiny.state_dict()}, tmp_path / f"{name}.pt")
+    torch.save({"format": "blurdm", "config": good, "model": None}, tmp_path / "none.pt")
+    cases["none"] = (None, "not a BlurDM checkpoint")
+    state = tiny.state_dict()
+    torch.save({"format": "blurdm", "config": good, "model": {**state, "deblurrer.stem.0.weight":
+                                                              state["deblurrer.stem.0.weight"] * math.nan}}, tmp_path / "nan.pt")
+    cases["nan"] = (None, "weight deblurrer.stem.0.weight is not finite")
+    for name, (_, message) in cases.items():
+        with pytest.raises(blurdm.CheckpointError) as err:
+            BlurDM.from_checkpoint(tmp_path / f"{name}.pt")
+        assert str(err.value).startswith(str(tmp_path / f"{name}.pt")) and message in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ metrics (§6)
 
 
 def test_identical_images_score_inf_and_one(photo):
@@ -455,7 +570,7 @@ def test_psnr_is_rgb_peak_255_on_rounded_uint8():
 
 
 def ssim3d_reference(x, y):
-    """A direct float64 transcription of BLURDM.md §8: one 11x11x11 kernel, replicate padding, full average."""
+    """A direct float64 transcription of METHOD.md §6: one 11x11x11 kernel, replicate padding, full average."""
     r = np.arange(11) - 5
     g = np.exp(-r ** 2 / (2 * 1.5 ** 2))
     g /= g.sum()
@@ -472,8 +587,9 @@ def ssim3d_reference(x, y):
 
 
 def test_3d_ssim_agrees_with_a_direct_float64_reference_on_a_real_photo(photo):
-    sharp = blurdm.to_uint8(photo[0])
-    blurry = blurdm.to_uint8(blurdm.synthesize_blur(photo[0], generator=torch.Generator().manual_seed(11)))
+    crop = photo[0, :, 48:144, 64:192]
+    sharp = blurdm.to_uint8(crop)
+    blurry = blurdm.to_uint8(blurdm.synthesize_blur(crop, generator=torch.Generator().manual_seed(11)))
     value = blurdm.ssim(sharp, blurry)
     assert value == pytest.approx(ssim3d_reference(sharp, blurry), abs=1e-10)
     assert 0.2 < value < 0.95
@@ -513,15 +629,145 @@ def test_read_image_converts_modes_and_names_bad_files(tmp_path):
 
 
 # ==============================================================================================================
+# data sets on disk (blurdm.find_pairs)
+
+
+def _png(path, seed, size=(40, 48)):
+    """A smooth random RGB image (H, W) = size, written as PNG; returns its uint8 array."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((size[0] // 8 + 1, size[1] // 8 + 1, 3))
+    pixels = (np.kron(coarse, np.ones((8, 8, 1)))[:size[0], :size[1]] * 200 + rng.random((*size, 3)) * 55)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return pixels.astype(np.uint8)
+
+
+def _gopro(root, sequences=("GOPR0372_07_00", "GOPR0374_11_01"), per_sequence=3, test_per_sequence=1):
+    """A fake GOPRO_Large tree: blurry frames are the sharp frame shifted by a pixel, plus a blur_gamma decoy."""
+    root = Path(root)
+    for split, count in (("train", per_sequence), ("test", test_per_sequence)):
+        for s, sequence in enumerate(sequences):
+            for k in range(count):
+                sharp = _png(root / split / sequence / "sharp" / f"{k:06d}.png", seed=100 * s + k)
+                (root / split / sequence / "blur").mkdir(exist_ok=True)
+                Image.fromarray(np.roll(sharp, 1, axis=1)).save(root / split / sequence / "blur" / f"{k:06d}.png")
+                _png(root / split / sequence / "blur_gamma" / f"{k:06d}.png", seed=7)
+    return root
+
+
+def _counts(splits):
+    return {k: len(v) for k, v in splits.items()}
+
+
+def test_gopro_tree_pairs_blur_with_sharp_per_sequence_never_blur_gamma(tmp_path):
+    _gopro(tmp_path / "GOPRO_Large")
+    splits, problems = blurdm.find_pairs(tmp_path)  # the folder the archive was unpacked into
+    assert problems == [] and _counts(splits) == {"train": 6, "test": 2}
+    for blur, sharp in splits["train"] + splits["test"]:
+        assert Path(blur).parent.name == "blur" and Path(sharp).parent.name == "sharp"
+        assert Path(blur).name == Path(sharp).name and Path(blur).parents[1] == Path(sharp).parents[1]
+
+
+def test_pairs_are_matched_by_name_not_position_and_the_unmatched_reported(tmp_path):
+    for name in "abc":  # sorted by position, blur a,b,c would meet sharp b,c,d
+        _png(tmp_path / "blur" / f"{name}.png", seed=ord(name))
+    for name in "bcd":
+        _png(tmp_path / "sharp" / f"{name}.png", seed=ord(name))
+    splits, problems = blurdm.find_pairs(tmp_path)
+    assert [(Path(b).name, Path(s).name) for b, s in splits["train"]] == [("b.png", "b.png"), ("c.png", "c.png")]
+    assert len(problems) == 1 and "2 images with no partner" in problems[0]
+    assert "a.png" in problems[0] and "d.png" in problems[0]
+
+
+def test_flat_gopro_and_paired_split_folders_pair_across_suffixes(tmp_path):
+    for split in ("train", "test"):
+        for k in range(2):
+            _png(tmp_path / "flat" / split / "input" / f"GOPR0001-{k:06d}.png", seed=k)
+            _png(tmp_path / "flat" / split / "target" / f"GOPR0001-{k:06d}.png", seed=k)
+            _png(tmp_path / "paired" / split / "blur" / "scene" / f"{k}.jpg", seed=k)
+            _png(tmp_path / "paired" / split / "sharp" / "scene" / f"{k}.png", seed=k)
+    for folder in ("flat", "paired"):
+        splits, problems = blurdm.find_pairs(tmp_path / folder)
+        assert problems == [] and _counts(splits) == {"train": 2, "test": 2}
+    assert all(Path(b).stem == Path(s).stem and Path(b).parent.name == "scene" for b, s in splits["test"])
+
+
+def test_realblur_lists_pair_the_gt_and_blur_columns_and_report_missing_files(tmp_path):
+    root = tmp_path / "RealBlur"
+    lines = {"train": [], "test": []}
+    for split, scenes in (("train", (1, 2)), ("test", (3,))):
+        for scene in scenes:
+            gt, blur = f"RealBlur-R_ECC/scene{scene:03d}/gt/gt_1.png", f"RealBlur-R_ECC/scene{scene:03d}/blur/blur_1.png"
+            _png(root / gt, seed=scene)
+            _png(root / blur, seed=scene + 50)
+            lines[split].append(f"{gt} {blur}")
+    lines["train"].append("RealBlur-R_ECC/scene009/gt/gt_1.png RealBlur-R_ECC/scene009/blur/blur_1.png")  # missing
+    for split in lines:
+        (root / f"RealBlur_R_{split}_list.txt").write_text("\n".join(lines[split]) + "\n")
+    splits, problems = blurdm.find_pairs(root)
+    assert _counts(splits) == {"train": 2, "test": 1}
+    for blur, sharp in splits["train"]:
+        assert "/blur/blur_" in blur and "/gt/gt_" in sharp and Path(blur).parents[1] == Path(sharp).parents[1]
+    assert len(problems) == 1 and "scene009" in problems[0]
+    splits, _ = blurdm.find_pairs(root / "RealBlur_R_test_list.txt")  # a list file names the data set too
+    assert _counts(splits) == {"train": 2, "test": 1}
+
+
+def test_hide_pairs_the_test_subsets_with_gt_by_file_name(tmp_path):
+    root = tmp_path / "HIDE_dataset"
+    for subset, names in (("test-close-ups", ("1fromGOPR0950.png",)), ("test-long-shot", ("2fromGOPR1096.png", "x.png"))):
+        for name in names:
+            _png(root / "test" / subset / name, seed=len(name))
+    for name in ("1fromGOPR0950.png", "2fromGOPR1096.png", "9fromGOPR0001.png"):  # GT/ also holds train images
+        _png(root / "GT" / name, seed=len(name) + 1)
+    splits, problems = blurdm.find_pairs(root)
+    assert list(splits) == ["test"]
+    assert sorted((Path(b).name, Path(s).parent.name) for b, s in splits["test"]) == \
+        [("1fromGOPR0950.png", "GT"), ("2fromGOPR1096.png", "GT")]
+    assert len(problems) == 1 and "x.png" in problems[0]  # the blurry image with no GT
+
+
+def test_a_folder_of_photographs_is_recursive_unpaired_and_split_by_train_and_test(tmp_path):
+    _png(tmp_path / "a" / "a.png", 1)
+    _png(tmp_path / "a" / "trip" / "b.jpg", 2)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    splits, problems = blurdm.find_pairs(tmp_path / "a")
+    assert problems == [] and sorted(Path(s).name for _, s in splits["train"]) == ["a.png", "b.jpg"]
+    assert all(b is None for b, _ in splits["train"])
+    for split, names in (("train", "abc"), ("test", "d")):
+        for k, name in enumerate(names):
+            _png(tmp_path / "b" / split / f"{name}.png", k)
+    splits, _ = blurdm.find_pairs(tmp_path / "b")
+    assert {k: sorted(Path(s).stem for _, s in v) for k, v in splits.items()} == {"train": list("abc"), "test": ["d"]}
+
+
+def test_find_pairs_names_the_folder_when_it_cannot_be_used(tmp_path):
+    for where, match in ((tmp_path / "nowhere", "nowhere: no such folder"), (tmp_path / "empty", "no images found"),
+                         (tmp_path / "half", "no blurry/sharp pairs matched"),
+                         (tmp_path / "onlysharp", "found sharp/a but no blurry partner folder"),
+                         (tmp_path / "photo.jpg", "photo.jpg: not a folder")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        _png(tmp_path / "half" / "blur" / "a.png", 1)
+        _png(tmp_path / "onlysharp" / "sharp" / "a.png", 1)
+        _png(tmp_path / "photo.jpg", 1)
+        with pytest.raises(ValueError, match=match):
+            blurdm.find_pairs(where)
+    (tmp_path / "RealBlur_J_test_list.txt").write_bytes(b"\xff\xd8\xff binary")
+    with pytest.raises(ValueError, match="RealBlur_J_test_list.txt: not a RealBlur list file"):
+        blurdm.find_pairs(tmp_path / "RealBlur_J_test_list.txt")
+
+
+# ==============================================================================================================
 # train.py
 
 
-_TRAIN_REPO = Path(__file__).resolve().parent
-_TRAIN_FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "--val-crop", "32", "--log-every", "1"]
+_REPO = Path(__file__).resolve().parent
+_FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "--val-crop", "32", "--log-every", "1"]
 
 
 @pytest.fixture
-def train_one_thread():
+def one_thread():
     """One intra-op thread, as the OMP_NUM_THREADS=1 subprocesses a test compares with: bit-identical sums."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -529,41 +775,11 @@ def train_one_thread():
     torch.set_num_threads(threads)
 
 
-def _train_png(path, seed, size=(40, 48)):
-    """A smooth random RGB image (H, W) = size, written as PNG; returns its uint8 array."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((size[0] // 8 + 1, size[1] // 8 + 1, 3))
-    pixels = (np.kron(coarse, np.ones((8, 8, 1)))[:size[0], :size[1]] * 200 + rng.random((*size, 3)) * 55)
-    pixels = pixels.astype(np.uint8)
-    Image.fromarray(pixels).save(path)
-    return pixels
-
-
-def _train_gopro(root, train_sequences=("GOPR0372_07_00", "GOPR0374_11_01"), per_sequence=3, test_per_sequence=1):
-    """A fake GOPRO_Large tree: blurry frames are the sharp frame shifted by a pixel, plus a blur_gamma decoy."""
-    root = Path(root)
-    for split, count in (("train", per_sequence), ("test", test_per_sequence)):
-        for s, sequence in enumerate(train_sequences):
-            for k in range(count):
-                sharp = _train_png(root / split / sequence / "sharp" / f"{k:06d}.png", seed=100 * s + k)
-                Image.fromarray(np.roll(sharp, 1, axis=1)).save(_train_mkdir(root / split / sequence / "blur") / f"{k:06d}.png")
-                Image.fromarray(255 - sharp).save(_train_mkdir(root / split / sequence / "blur_gamma") / f"{k:06d}.png")
-    return root
-
-
-def _train_mkdir(path):
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _train_main(argv, monkeypatch):
-    """Run train.main() in this process (no interpreter start-up); signal handlers are restored afterwards."""
+def _train(argv, monkeypatch=None):
+    """train.py's entry point in this process; its signal handlers are restored afterwards. Returns the exit code."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     try:
-        train.main()
+        return train.cli([str(a) for a in argv])
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -571,383 +787,223 @@ def _train_main(argv, monkeypatch):
 
 def _train_cli(argv, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(_TRAIN_REPO / "train.py"), *map(str, argv)], capture_output=True,
-                          text=True, cwd=_TRAIN_REPO, env=env, timeout=120, **kwargs)
+    return subprocess.run([sys.executable, str(_REPO / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                          cwd=_REPO, env=env, timeout=120, **kwargs)
 
 
-def _train_log(out):
+def _log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
-def _train_error_line(stderr):
-    """The one error line of a failed run; the tqdm bar (carriage returns) is not part of it."""
-    lines = [l for l in stderr.replace("\r", "\n").splitlines() if l.startswith("train.py: error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
+def _error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# layouts and pairing
+def _weights(path):
+    return blurdm.load_checkpoint(path)["model"]
 
 
-def test_train_gopro_tree_pairs_blur_not_blur_gamma_per_sequence(tmp_path):
-    _train_gopro(tmp_path / "GOPRO_Large")
-    layout, splits, problems = train.find_pairs(tmp_path)  # the folder the archive was unpacked into
-    assert layout == "gopro" and problems == []
-    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "test": 2}
-    for blur, sharp in splits["train"] + splits["test"]:
-        assert Path(blur).parent.name == "blur" and Path(sharp).parent.name == "sharp"
-        assert Path(blur).name == Path(sharp).name and Path(blur).parents[1] == Path(sharp).parents[1]
-
-
-def test_train_pairs_by_name_not_position_and_reports_unmatched(tmp_path):
-    # sorted by position, blur a,b,c would meet sharp b,c,d: pairing by name must give b-b and c-c
-    for name in "abc":
-        _train_png(tmp_path / "blur" / f"{name}.png", seed=ord(name))
-    for name in "bcd":
-        _train_png(tmp_path / "sharp" / f"{name}.png", seed=ord(name))
-    layout, splits, problems = train.find_pairs(tmp_path)
-    assert layout == "paired"
-    assert [(Path(b).name, Path(s).name) for b, s in splits["train"]] == [("b.png", "b.png"), ("c.png", "c.png")]
-    assert len(problems) == 2
-    assert "1 blurry images with no match" in problems[0] and "a" in problems[0]
-    assert "1 sharp images with no match" in problems[1] and "d" in problems[1]
-
-
-def test_train_flat_gopro_and_paired_split_folders(tmp_path):
-    for split in ("train", "test"):
-        for k in range(2):
-            _train_png(tmp_path / "flat" / split / "input" / f"GOPR0001-{k:06d}.png", seed=k)
-            _train_png(tmp_path / "flat" / split / "target" / f"GOPR0001-{k:06d}.png", seed=k)
-            _train_png(tmp_path / "paired" / split / "blur" / "scene" / f"{k}.jpg", seed=k)  # suffixes may differ
-            _train_png(tmp_path / "paired" / split / "sharp" / "scene" / f"{k}.png", seed=k)
-    layout, splits, problems = train.find_pairs(tmp_path / "flat")
-    assert layout == "gopro-flat" and problems == [] and {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 2}
-    layout, splits, problems = train.find_pairs(tmp_path / "paired")
-    assert layout == "paired" and problems == [] and {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 2}
-    assert all(Path(b).stem == Path(s).stem and Path(b).parent.name == "scene" for b, s in splits["test"])
-
-
-def test_train_realblur_lists_pair_gt_and_blur_columns_and_report_missing(tmp_path):
-    root = tmp_path / "RealBlur"
-    lines = {"train": [], "test": []}
-    for split, scenes in (("train", (1, 2)), ("test", (3,))):
-        for scene in scenes:
-            gt, blur = f"RealBlur-R_ECC/scene{scene:03d}/gt/gt_1.png", f"RealBlur-R_ECC/scene{scene:03d}/blur/blur_1.png"
-            _train_png(root / gt, seed=scene)
-            _train_png(root / blur, seed=scene + 50)
-            lines[split].append(f"{gt} {blur}")
-    lines["train"].append("RealBlur-R_ECC/scene009/gt/gt_1.png RealBlur-R_ECC/scene009/blur/blur_1.png")  # missing
-    for split in lines:
-        (root / f"RealBlur_R_{split}_list.txt").write_text("\n".join(lines[split]) + "\n")
-    layout, splits, problems = train.find_pairs(root)  # only the R lists: they are used
-    assert layout == "realblur"
-    assert {k: len(v) for k, v in splits.items()} == {"train": 2, "test": 1}
-    for blur, sharp in splits["train"]:
-        assert "/blur/blur_" in blur and "/gt/gt_" in sharp and Path(blur).parents[1] == Path(sharp).parents[1]
-    assert len(problems) == 1 and "1 listed files missing" in problems[0] and "scene009" in problems[0]
-    # a list file itself also names the data set
-    layout, splits, _ = train.find_pairs(root / "RealBlur_R_test_list.txt")
-    assert layout == "realblur" and len(splits["test"]) == 1
-
-
-def test_train_hide_pairs_test_subsets_with_gt_by_file_name(tmp_path):
-    root = tmp_path / "HIDE_dataset"
-    for subset, names in (("test-close-ups", ("1fromGOPR0950.png",)), ("test-long-shot", ("2fromGOPR1096.png", "x.png"))):
-        for name in names:
-            _train_png(root / "test" / subset / name, seed=len(name))
-    for name in ("1fromGOPR0950.png", "2fromGOPR1096.png", "9fromGOPR0001.png"):  # GT/ also holds train images
-        _train_png(root / "GT" / name, seed=len(name) + 1)
-    layout, splits, problems = train.find_pairs(root)
-    assert layout == "hide" and list(splits) == ["test"]
-    assert sorted((Path(b).name, Path(s).parent.name) for b, s in splits["test"]) == \
-        [("1fromGOPR0950.png", "GT"), ("2fromGOPR1096.png", "GT")]
-    assert len(problems) == 1 and "x" in problems[0]  # the blurry image with no GT
-
-
-def test_train_sharp_photo_folder_is_recursive_and_unpaired(tmp_path):
-    _train_png(tmp_path / "a.png", 1)
-    _train_png(tmp_path / "trip" / "b.jpg", 2)
-    (tmp_path / "notes.txt").write_text("not an image")
-    layout, splits, problems = train.find_pairs(tmp_path)
-    assert layout == "sharp-photos" and problems == []
-    assert sorted(Path(s).name for _, s in splits["train"]) == ["a.png", "b.jpg"]
-    assert all(b is None for b, _ in splits["train"])
-
-
-def test_train_sharp_photos_split_into_train_and_test_folders_validate_on_test(tmp_path):
-    for split, names in (("train", ("a", "b", "c")), ("test", ("d",))):
-        for k, name in enumerate(names):
-            _train_png(tmp_path / split / f"{name}.png", k)
-    layout, splits, _ = train.find_pairs(tmp_path)
-    assert layout == "sharp-photos"
-    assert {k: sorted(Path(s).stem for _, s in v) for k, v in splits.items()} == {"train": ["a", "b", "c"], "test": ["d"]}
-
-
-def test_train_find_pairs_rejects_missing_empty_and_half_layouts(tmp_path):
-    with pytest.raises(ValueError, match="no such folder"):
-        train.find_pairs(tmp_path / "nowhere")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
-        train.find_pairs(tmp_path / "empty")
-    _train_png(tmp_path / "half" / "blur" / "a.png", 1)  # blur/ without sharp/ is not a folder of photographs
-    with pytest.raises(ValueError, match="unrecognised layout"):
-        train.find_pairs(tmp_path / "half")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training samples
-
-
-def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded(tmp_path):
-    sharp = _train_png(tmp_path / "s.png", 1, size=(48, 56))
+def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded_by_the_step(tmp_path):
+    sharp = _png(tmp_path / "s.png", 1, size=(48, 56))
     Image.fromarray(255 - sharp).save(tmp_path / "b.png")  # blur = 1 - sharp, a relation any shared transform keeps
-    dataset = train.PairDataset([(str(tmp_path / "b.png"), str(tmp_path / "s.png"))], crop=32)
+    dataset = train.PairDataset([(str(tmp_path / "b.png"), str(tmp_path / "s.png"))], 32, (0, 0), seed=5)
     seen = set()
-    for seed in range(12):
-        blur, sharp_crop, failed = dataset[(0, seed)]
-        assert blur.shape == sharp_crop.shape == (3, 32, 32) and failed == -1
+    for step in range(12):
+        blur, sharp_crop = dataset[(1, step, 0)]
+        assert blur.shape == sharp_crop.shape == (3, 32, 32)
         torch.testing.assert_close(blur, 1 - sharp_crop, atol=1e-6, rtol=0)
-        again = dataset[(0, seed)]
-        assert torch.equal(again[0], blur) and torch.equal(again[1], sharp_crop)
+        assert all(torch.equal(a, b) for a, b in zip(dataset[(1, step, 0)], (blur, sharp_crop)))
         seen.add(sharp_crop.sum().item())
-    assert len(seen) > 6  # crops, flips and turns vary with the seed
+    assert len(seen) > 6  # crops, flips and turns vary with the step
 
 
-def test_train_photographs_get_a_synthetic_blur_of_the_same_crop(tmp_path):
-    _train_png(tmp_path / "photo.png", 3, size=(96, 96))
-    dataset = train.PairDataset([(None, str(tmp_path / "photo.png"))], crop=32)
-    blur, sharp, _ = dataset[(0, 7)]
-    assert blur.shape == sharp.shape == (3, 32, 32)
-    assert not torch.equal(blur, sharp)
-    assert torch.equal((blur * 255).round() / 255, blur)  # 8-bit rounding, as a saved blurry photo has
-    assert (blur - sharp).abs().mean() < 0.25  # the same content, blurred; not another crop
-
-
-def test_train_blur_length_sets_the_camera_path_of_photographs(tmp_path, monkeypatch, capsys):
-    _train_png(tmp_path / "photo.png", 3, size=(96, 96))
-    pairs = [(None, str(tmp_path / "photo.png"))]
-    change = {}
+def test_train_photographs_get_a_synthetic_blur_of_the_same_crop_as_long_as_blur_length_says(tmp_path):
+    _png(tmp_path / "photo.png", 3, size=(96, 96))
+    pairs, change = [(None, str(tmp_path / "photo.png"))], {}
     for length in ((0.0, 0.0), (30.0, 30.0)):
-        dataset = train.PairDataset(pairs, crop=32, blur_length=length)
-        change[length] = sum((b - s).abs().mean().item() for b, s, _ in (dataset[(0, seed)] for seed in range(4)))
-    assert change[(0.0, 0.0)] < 0.02 * 4  # a still camera: the sharp crop plus sensor noise (σ ≤ 0.01) and rounding
-    assert change[(30.0, 30.0)] > 5 * change[(0.0, 0.0)]
-    for bad in ("5", "4,x", "9,3", "-1,3"):
-        with pytest.raises(SystemExit) as exit_info:
-            _train_main(["--data", tmp_path, "--blur-length", bad], monkeypatch)
-        assert exit_info.value.code == 2 and "--blur-length" in capsys.readouterr().err
+        dataset = train.PairDataset(pairs, 32, length, seed=0)
+        samples = [dataset[(1, step, 0)] for step in range(4)]
+        assert all(torch.equal((b * 255).round() / 255, b) for b, _ in samples)  # 8-bit, as a saved photo
+        change[length] = sum((b - s).abs().mean().item() for b, s in samples) / 4
+    assert change[(0.0, 0.0)] < 0.02  # a still camera: the sharp crop plus sensor noise (σ ≤ 0.01) and rounding
+    assert 5 * change[(0.0, 0.0)] < change[(30.0, 30.0)] < 0.25  # blurred, but the same content, not another crop
 
 
-def test_train_cache_decodes_each_photo_once_per_worker_and_changes_no_sample(tmp_path, monkeypatch):
-    for k in range(2):
-        _train_png(tmp_path / f"photo{k}.png", k, size=(96, 96))
-    pairs = [(None, str(tmp_path / f"photo{k}.png")) for k in range(2)]
-    items = [(seed % 2, seed) for seed in range(8)]  # (photo, sample seed)
-    plain = [train.PairDataset(pairs, crop=32)[item] for item in items]
-    reads = []
-    read_image = blurdm.read_image
-    monkeypatch.setattr(blurdm, "read_image", lambda path: reads.append(path) or read_image(path))
-    cached = train.PairDataset(pairs, crop=32, cache_mb=1)
-    for item, expected in zip(items + items, plain + plain):  # twice: a cached pair is not altered by its use
-        assert all(torch.equal(a, b) for a, b in zip(cached[item][:2], expected[:2]))
-    assert sorted(reads) == [pair[1] for pair in pairs]
-    reads.clear()
-    small = train.PairDataset(pairs, crop=32, cache_mb=96 * 96 * 3 * 4 / 2 ** 20)  # room for one photograph
-    for item in items:
-        small[item]
-    assert len(reads) == 1 + len(items) // 2  # the first is kept, the second decoded every time
-
-
-def test_train_sampler_resumed_at_step_n_continues_the_same_stream():
-    full = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=0, total_steps=6))
-    resumed = list(train.StepSampler(7, 4, 2, seed=5, stage=1, start_step=3, total_steps=6))
-    assert resumed == full[3 * 4:]
-    epoch0 = [i for i, _ in full[:8]]
-    assert sorted(epoch0[:7]) == list(range(7))  # an epoch visits every pair, then wraps
-    ranks = [list(train.StepSampler(7, 4, 2, 5, 1, 0, 6, rank=r, world_size=2)) for r in range(2)]
-    assert [x for step in range(6) for r in range(2) for x in ranks[r][2 * step:2 * step + 2]] == full
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the recipe end to end
-
-
-def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_path, monkeypatch, capsys):
-    data, out = _train_gopro(tmp_path / "gopro"), tmp_path / "out"
-    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--workers", "1", "--iters", "2,1,2",
-                 "--val-every", "1"], monkeypatch)
+def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_path, capsys):
+    data, out = _gopro(tmp_path / "gopro"), tmp_path / "out"
+    assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
     stdout = capsys.readouterr().out
-    assert "gopro layout, 6 train pairs, 2 test pairs" in stdout
-    assert stdout.strip().splitlines()[-1] == f"done. deblur with: python sample.py blurry.png --ckpt {out / 'best.pt'}"
-    for name in ("stage1.pt", "stage2.pt", "stage3.pt", "last.pt", "best.pt", "log.jsonl"):
-        assert (out / name).exists(), name
+    assert "2 test pairs, 6 train pairs" in stdout
+    assert stdout.strip().splitlines()[-1] == f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {out / 'best.pt'}"
     last = blurdm.load_checkpoint(out / "last.pt")
     assert (last["stage"], last["step"]) == (3, 2) and last["config"]["prior"] is True
-    # each stage trains its own parts only (BLURDM.md §6); the frozen sharp encoder keeps its BatchNorm statistics
-    weights = [blurdm.load_checkpoint(out / f"stage{s}.pt")["model"] for s in (1, 2, 3)]
+    # each stage trains its own parts only (METHOD.md §5); the frozen sharp encoder keeps its BatchNorm statistics
+    w1, w2, w3 = (_weights(out / f"stage{s}.pt") for s in (1, 2, 3))
     part = lambda w, name: torch.cat([v.flatten().float() for k, v in w.items() if k.startswith(name + ".")])
-    assert torch.equal(part(weights[0], "deblurrer"), part(weights[1], "deblurrer"))
-    assert torch.equal(part(weights[0], "sharp_encoder"), part(weights[1], "sharp_encoder"))
-    assert not torch.equal(part(weights[0], "blur_encoder"), part(weights[1], "blur_encoder"))
-    assert not torch.equal(part(weights[1], "deblurrer"), part(weights[2], "deblurrer"))
-    assert torch.equal(part(weights[1], "sharp_encoder"), part(weights[2], "sharp_encoder"))
-    log = _train_log(out)
-    steps = [r for r in log if "loss" in r]
-    assert [(r["stage"], r["step"]) for r in steps] == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]
-    assert all(r["step_ms"] >= r["data_ms"] >= 0 for r in steps)
+    same = lambda a, b, name: torch.equal(part(a, name), part(b, name))
+    assert same(w1, w2, "deblurrer") and not same(w2, w3, "deblurrer") and not same(w1, w2, "blur_encoder")
+    assert same(w1, w2, "sharp_encoder") and same(w2, w3, "sharp_encoder")
+    log = _log(out)
+    assert [(r["stage"], r["step"]) for r in log if "loss" in r] == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]
+    assert all(r["step_ms"] >= r["data_ms"] >= 0 for r in log if "loss" in r)
     assert sum("val_psnr" in r for r in log) == 5
-    model = blurdm.BlurDM.from_checkpoint(out / "best.pt")  # what sample.py does, with no other flag
-    blurry = torch.rand(1, 3, 37, 53)
-    restored = model.deblur(blurry)
-    assert restored.shape == blurry.shape and torch.isfinite(restored).all()
-    # rerunning a finished command has nothing left to do
-    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--workers", "1", "--iters", "2,1,2",
-                 "--val-every", "1"], monkeypatch)
-    assert "finished stage 3; nothing left to do" in capsys.readouterr().out
+    restored = blurdm.BlurDM.from_checkpoint(out / "best.pt").deblur(torch.rand(1, 3, 37, 53))  # as sample.py loads it
+    assert restored.shape == (1, 3, 37, 53) and torch.isfinite(restored).all()
+    assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
+    assert "stage 3 finished; nothing left to do" in capsys.readouterr().out  # rerun: nothing left
 
 
-def test_train_stage_two_alone_starts_from_init_and_no_prior_trains_the_baseline(tmp_path, monkeypatch, capsys):
-    data = _train_gopro(tmp_path / "gopro", per_sequence=2)
-    with pytest.raises(SystemExit):  # stage 2 needs a stage 1 model
-        _train_main(["--data", data, "--out", tmp_path / "b", *_TRAIN_FAST, "--stage", "2", "--iters", "1"], monkeypatch)
-    assert "stage 2 starts from a stage 1 checkpoint: pass --init" in capsys.readouterr().err
-    _train_main(["--data", data, "--out", tmp_path / "a", *_TRAIN_FAST, "--stage", "1", "--iters", "1"], monkeypatch)
-    _train_main(["--data", data, "--out", tmp_path / "b", *_TRAIN_FAST, "--stage", "2", "--iters", "1",
-                 "--init", tmp_path / "a" / "stage1.pt"], monkeypatch)
+def test_train_later_stages_start_from_init_and_no_prior_trains_the_baseline(tmp_path, capsys):
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    assert _train(["--data", data, "--out", tmp_path / "b", *_FAST, "--iters", "0,1,1"]) == 1
+    assert "stage 2 starts from a stage 1 model: pass --init" in capsys.readouterr().err
+    _train(["--data", data, "--out", tmp_path / "a", *_FAST, "--iters", "1,0,0"])
+    assert _train(["--data", data, "--out", tmp_path / "b", *_FAST, "--iters", "0,1,0", "--init", tmp_path / "a" / "stage1.pt"]) == 0
     assert f"starts from the weights of {tmp_path / 'a' / 'stage1.pt'}" in capsys.readouterr().out
-    stage1 = blurdm.load_checkpoint(tmp_path / "a" / "stage1.pt")["model"]
-    stage2 = blurdm.load_checkpoint(tmp_path / "b" / "stage2.pt")["model"]
+    stage1, stage2 = _weights(tmp_path / "a" / "stage1.pt"), _weights(tmp_path / "b" / "stage2.pt")
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("deblurrer."))
-    _train_main(["--data", data, "--out", tmp_path / "c", *_TRAIN_FAST, "--no-prior", "--iters", "1"], monkeypatch)
+    assert _train(["--data", data, "--out", tmp_path / "c", *_FAST, "--no-prior", "--iters", "1"]) == 0
     baseline = blurdm.load_checkpoint(tmp_path / "c" / "last.pt")
     assert baseline["config"]["prior"] is False and (baseline["stage"], baseline["step"]) == (3, 1)
     assert not any(k.startswith(("sharp_encoder", "blur_encoder")) for k in baseline["model"])
-    assert blurdm.BlurDM.from_checkpoint(tmp_path / "c" / "best.pt").deblur(torch.rand(1, 3, 20, 24)).shape == (1, 3, 20, 24)
 
 
-def test_train_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys,
-                                                                               train_one_thread):
-    data = _train_gopro(tmp_path / "gopro")
-    args = ["--data", data, *_TRAIN_FAST, "--stage", "1", "--iters", "12", "--val-every", "0", "--save-every", "1000"]
-    _train_main([*args, "--out", tmp_path / "straight"], monkeypatch)
-    # the same command, stopped by SIGTERM after a few steps, then rerun
-    out = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process: bit-identical results
-    process = subprocess.Popen([sys.executable, str(_TRAIN_REPO / "train.py"), *map(str, args), "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_TRAIN_REPO, env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(_train_log(out)) >= 2):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
-    stopped = blurdm.load_checkpoint(out / "last.pt")
-    n = stopped["step"]
-    assert 2 <= n < 12 and f"stopped at stage 1 step {n}" in stdout
-    _train_main([*args, "--out", out], monkeypatch)
-    assert f"resuming stage 1 at step {n}" in capsys.readouterr().out
-    straight, resumed = (blurdm.load_checkpoint(p / "last.pt") for p in (tmp_path / "straight", out))
-    assert resumed["step"] == straight["step"] == 12
-    for k in straight["model"]:
-        torch.testing.assert_close(resumed["model"][k], straight["model"][k], rtol=0, atol=0)
-    moments = lambda ckpt: [t for state in ckpt["optimizer"]["state"].values() for t in state.values()]
-    assert len(moments(straight)) > 0
-    for a, b in zip(moments(resumed), moments(straight), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # Adam's step count and moments carried over the restart
-    assert resumed["scheduler"] == straight["scheduler"]
-    # a rerun with other settings refuses to resume (12 steps done of 20 would otherwise resume)
-    with pytest.raises(SystemExit):
-        _train_main([*args, "--iters", "20", "--out", out], monkeypatch)
-    assert "saved by a run with other settings (stage_steps [12, 12, 12] vs [20, 20, 20])" in capsys.readouterr().err
+def test_train_a_run_stopped_in_stage_2_or_3_and_resumed_ends_bit_identical(tmp_path, one_thread):
+    data = _gopro(tmp_path / "gopro")
+    args = ["--data", data, *_FAST, "--iters", "3,8,8", "--val-every", "0", "--save-every", "1000"]
+    assert _train([*args, "--out", tmp_path / "straight"]) == 0
+    straight = blurdm.load_checkpoint(tmp_path / "straight" / "last.pt")
+    moments = lambda c: [t for state in c["optimizer"]["state"].values() for t in state.values()]
+    for stop_stage in (2, 3):  # the same command, stopped by SIGTERM in that stage, then rerun
+        out = tmp_path / f"stopped{stop_stage}"
+        process = subprocess.Popen([sys.executable, str(_REPO / "train.py"), *map(str, args), "--out", str(out)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_REPO,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(r.get("stage") == stop_stage and r["step"] >= 2 for r in
+                                                 (_log(out) if (out / "log.jsonl").exists() else [])):
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+        stopped = blurdm.load_checkpoint(out / "last.pt")
+        assert stopped["stage"] == stop_stage and 2 <= stopped["step"] < 8
+        assert _train([*args, "--out", out]) == 0
+        resumed = blurdm.load_checkpoint(out / "last.pt")
+        assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+        assert len(moments(straight)) > 0
+        assert all(torch.equal(a, b) for a, b in zip(moments(resumed), moments(straight), strict=True))
 
 
-def test_train_two_gloo_processes_agree_and_match_one_process_on_the_same_global_batch(tmp_path, monkeypatch,
-                                                                                      train_one_thread):
-    data = _train_gopro(tmp_path / "gopro", per_sequence=2)
-    args = ["--data", data, *_TRAIN_FAST, "--batch", "4", "--iters", "2,1,2", "--val-every", "0", "--save-every", "1"]
-    result = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(_TRAIN_REPO / "train.py"), *map(str, args),
-                             "--out", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=_TRAIN_REPO,
-                            timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    ddp_log = _train_log(tmp_path / "ddp")
-    agreed = [(r["stage"], r["step"]) for r in ddp_log if r.get("ranks_agree") == 2]
-    assert agreed == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]  # every save compared the weights of both ranks
+def test_train_resume_refuses_other_settings_or_data_naming_the_setting(tmp_path, capsys):
+    data, other = _gopro(tmp_path / "gopro", per_sequence=2), _gopro(tmp_path / "other", per_sequence=2)
+    args = ["--out", tmp_path / "out", *_FAST, "--iters", "1,0,0"]
+    assert _train(["--data", data, *args]) == 0
+    for change, named in ((["--data", other], "data"), (["--data", data, "--blur-length", "0,9"], "blur_length"),
+                          (["--data", data, "--batch", "4"], "batch_size"), (["--data", data, "--iters", "2,0,0"], "stage_steps")):
+        assert _train([*args, *change]) == 1
+        line = _error_line(capsys.readouterr().err)
+        assert "saved by a run with other settings" in line and f"{named} " in line, line
+
+
+def test_train_two_gloo_processes_agree_with_one_process_on_the_same_global_batch(tmp_path, one_thread):
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    args = ["--data", data, *_FAST, "--batch", "4", "--iters", "2,1,2", "--val-every", "0", "--save-every", "1"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(_REPO / "train.py"), *map(str, args), "--out", str(tmp_path / "ddp")],
+                            capture_output=True, text=True, cwd=_REPO, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert blurdm.load_checkpoint(tmp_path / "ddp" / "last.pt")["stage"] == 3
     # stage 1 draws no noise: two ranks of batch 2 must follow one process of batch 4 (gradients averaged)
-    _train_main(["--data", data, *_TRAIN_FAST, "--batch", "4", "--stage", "1", "--iters", "2", "--val-every", "0",
-                 "--out", tmp_path / "single"], monkeypatch)
+    assert _train(["--data", data, *_FAST, "--batch", "4", "--iters", "2,0,0", "--val-every", "0", "--out", tmp_path / "one"]) == 0
     losses = lambda log: [r["loss"] for r in log if "loss" in r and r["stage"] == 1]
-    assert len(losses(ddp_log)) == 2
-    np.testing.assert_allclose(losses(ddp_log), losses(_train_log(tmp_path / "single")), rtol=1e-4)
+    assert len(losses(_log(tmp_path / "ddp"))) == 2
+    np.testing.assert_allclose(losses(_log(tmp_path / "ddp")), losses(_log(tmp_path / "one")), rtol=1e-4)
+
+
+def test_train_eval_only_scores_every_test_image_as_the_tables_do(tmp_path, capsys, tiny):
+    data = _gopro(tmp_path / "gopro")
+    tiny.save(tmp_path / "model.pt")
+    assert _train(["--data", data, "--eval-only", "--init", tmp_path / "model.pt", "--out", tmp_path / "eval"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    splits, _ = blurdm.find_pairs(data)
+    assert [r["input"] for r in rows] == [b for b, _ in splits["test"]]
+    for row, (blur, sharp) in zip(rows, splits["test"]):
+        out = blurdm.to_uint8(tiny.deblur(blurdm.read_image(blur)[None])[0])
+        expected = blurdm.to_uint8(blurdm.read_image(sharp))
+        assert float(row["psnr_db"]) == pytest.approx(blurdm.psnr(out, expected), abs=1e-4)
+        assert float(row["ssim"]) == pytest.approx(blurdm.ssim(out, expected), abs=1e-6)
+    assert "mean over 2 test images" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # faults and bad input
 
 
-def test_train_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    data, out = _train_gopro(tmp_path / "gopro", per_sequence=2), tmp_path / "out"
-    _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--stage", "1", "--iters", "1"], monkeypatch)
+def test_train_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data, out = _gopro(tmp_path / "gopro", per_sequence=2), tmp_path / "out"
+    assert _train(["--data", data, "--out", out, *_FAST, "--iters", "1,0,0"]) == 0
     good = (out / "last.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:  # an absurd learning rate blows the weights up within a step
-        _train_main(["--data", data, "--out", out, *_TRAIN_FAST, "--stage", "2", "--iters", "5", "--lr", "1e30",
-                     "--save-every", "1000"], monkeypatch)
-    assert exit_info.value.code == 1
-    line = _train_error_line(capsys.readouterr().err)
-    assert "at stage 2 step 1; stopped" in line and f"{out / 'last.pt'} is kept" in line
-    assert (out / "last.pt").read_bytes() == good
+    # an absurd learning rate blows the weights up within a step
+    assert _train(["--data", data, "--out", tmp_path / "nan", *_FAST, "--iters", "0,5,0", "--lr", "1e30",
+                   "--init", out / "last.pt", "--save-every", "1000"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "at stage 2 step" in line and "stopped" in line
+    assert (out / "last.pt").read_bytes() == good and not (tmp_path / "nan" / "last.pt").exists()
 
 
-def test_train_bad_data_gives_one_line_errors_naming_the_file(tmp_path, monkeypatch, capsys):
-    def fails(data, match):
-        with pytest.raises(SystemExit) as exit_info:
-            _train_main(["--data", data, "--out", tmp_path / "out", *_TRAIN_FAST, "--iters", "1"], monkeypatch)
-        assert exit_info.value.code == 1
-        line = _train_error_line(capsys.readouterr().err)
-        assert match in line, line
-
-    fails(tmp_path / "missing", f"{tmp_path / 'missing'}: no such folder")
-    (tmp_path / "empty").mkdir()
-    fails(tmp_path / "empty", f"{tmp_path / 'empty'}: no images found")
-    _train_png(tmp_path / "mismatch" / "blur" / "a.png", 1, size=(40, 48))
-    _train_png(tmp_path / "mismatch" / "sharp" / "a.png", 1, size=(40, 40))
-    fails(tmp_path / "mismatch", f"{tmp_path / 'mismatch' / 'blur' / 'a.png'}: 48x40 but its sharp image")
-    _train_png(tmp_path / "small" / "tiny.png", 1, size=(16, 16))
-    fails(tmp_path / "small", "16x16 is smaller than the 32px crop")
+def test_train_bad_data_and_settings_give_one_line_errors_naming_the_file(tmp_path, capsys):
+    _png(tmp_path / "mismatch" / "blur" / "a.png", 1, size=(40, 48))
+    _png(tmp_path / "mismatch" / "sharp" / "a.png", 1, size=(40, 40))
+    _png(tmp_path / "small" / "tiny.png", 1, size=(16, 16))
+    _png(tmp_path / "photo.jpg", 1)
+    for data, match in ((tmp_path / "missing", f"{tmp_path / 'missing'}: no such folder"),
+                        (tmp_path / "photo.jpg", "photo.jpg: not a folder"),
+                        (tmp_path / "mismatch", f"{tmp_path / 'mismatch' / 'blur' / 'a.png'}: 48x40 but its sharp image"),
+                        (tmp_path / "small", "16x16 is smaller than the 32px crop")):
+        assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "1"]) == 1
+        captured = capsys.readouterr()
+        assert match in captured.out + _error_line(captured.err)
     assert not (tmp_path / "out" / "last.pt").exists()
+    for bad in (["--seed", "99999999999999999999"], ["--blur-length", "4,x"], ["--iters", "1,2"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.cli(["--data", str(tmp_path / "small"), *bad])
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
 
 
-def test_train_truncated_image_cli_error_has_no_traceback(tmp_path):
-    _train_png(tmp_path / "data" / "blur" / "a.png", 1)
-    _train_png(tmp_path / "data" / "sharp" / "a.png", 2)
-    png = (tmp_path / "data" / "blur" / "a.png").read_bytes()
-    (tmp_path / "data" / "blur" / "a.png").write_bytes(png[:len(png) // 2])
-    result = _train_cli(["--data", tmp_path / "data", "--out", tmp_path / "out", *_TRAIN_FAST, "--iters", "1"])
-    assert result.returncode == 1
-    line = _train_error_line(result.stderr)
-    assert f"{tmp_path / 'data' / 'blur' / 'a.png'}: not a readable image" in line and "no usable training pairs" in line
+def test_train_truncated_images_are_skipped_with_a_warning_and_the_cli_shows_no_traceback(tmp_path, capsys):
+    data = _gopro(tmp_path / "gopro")
+    truncated = data / "train" / "GOPR0372_07_00" / "blur" / "000001.png"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    result = _train_cli(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "10,0,0"])
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.stdout.count(f"warning: {truncated}: not a readable image") == 1  # once, however often it is drawn
+    assert blurdm.load_checkpoint(tmp_path / "out" / "last.pt")["step"] == 10
+    for png in (data / "train").rglob("blur/*.png"):  # nothing usable left: one line, exit 1
+        png.write_bytes(b"garbage")
+    assert _train(["--data", data, "--out", tmp_path / "out2", *_FAST, "--iters", "1"]) == 1
+    assert "none of the 6 training pairs can be used" in _error_line(capsys.readouterr().err)
 
 
-def test_train_bad_files_inside_a_set_are_skipped_counted_and_reported(tmp_path, monkeypatch, capsys):
-    data = _train_gopro(tmp_path / "gopro")
-    truncated_png = data / "train" / "GOPR0372_07_00" / "blur" / "000001.png"
-    truncated_png.write_bytes(truncated_png.read_bytes()[:100])  # caught by the header and checksum scan
-    # a truncated JPEG passes the scan and only fails to decode in the loader: skipped there
-    jpeg = data / "train" / "GOPR0374_11_01" / "blur" / "000002"
-    Image.open(jpeg.with_suffix(".png")).save(jpeg.with_suffix(".jpg"), quality=95)
-    jpeg.with_suffix(".png").unlink()
-    jpeg_bytes = jpeg.with_suffix(".jpg").read_bytes()
-    jpeg.with_suffix(".jpg").write_bytes(jpeg_bytes[:len(jpeg_bytes) * 2 // 3])
-    _train_main(["--data", data, "--out", tmp_path / "out", *_TRAIN_FAST, "--stage", "1", "--iters", "3"], monkeypatch)
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    assert f"warning: {truncated_png}: not a readable image" in text
-    assert f"warning: {jpeg.with_suffix('.jpg')}: not a readable image" in text
-    assert "skipped 1 training pairs that could not be decoded" in text
-    assert blurdm.load_checkpoint(tmp_path / "out" / "last.pt")["step"] == 3
+def test_train_a_crash_with_data_workers_running_exits_at_once_with_one_line(tmp_path):
+    """An exception in the loop while DataLoader workers (which ignore SIGTERM) run must not hang the exit."""
+    data = _gopro(tmp_path / "gopro")
+    crash = ("import sys, train, blurdm\n"
+             "def boom(*a, **k): raise RuntimeError('DefaultCPUAllocator: can\\'t allocate memory: you tried 9 GB')\n"
+             "blurdm.BlurDM.loss = boom\n"
+             f"sys.exit(train.cli(sys.argv[1:]))\n")
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", crash, "--data", str(data), "--out", str(tmp_path / "out"), *_FAST,
+                             "--workers", "2", "--iters", "5"], capture_output=True, text=True, cwd=_REPO, timeout=60)
+    assert result.returncode == 1 and time.time() - start < 30
+    assert "out of memory" in _error_line(result.stderr) and "--batch or --crop" in result.stderr
+
+
+def test_train_the_paper_preset_on_a_cpu_says_which_preset_fits(tmp_path, capsys):
+    assert _train(["--data", tmp_path / "missing", "--device", "cpu"]) == 1
+    assert "--preset demo is sized for CPUs" in capsys.readouterr().out
 
 
 # ==============================================================================================================
@@ -1002,48 +1058,40 @@ def _sample_run(argv, capsys):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def sample_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    untrained().save(path)
-    return path
+def _sample_expected(ckpt, src, **kwargs):
+    """What the model itself gives for an image file, (H, W, 3) uint8 as a PNG stores it."""
+    model = blurdm.BlurDM.from_checkpoint(ckpt)
+    return blurdm.to_uint8(model.deblur(blurdm.read_image(src)[None], **kwargs)[0]).permute(1, 2, 0).numpy()
 
 
 @pytest.fixture(scope="module")
 def sample_strong_ckpt(tmp_path_factory):
-    """
-    A tiny model whose convolutions are Kaiming-initialised: like a trained network (unlike PyTorch's default init,
-    whose residual is ~0) its output moves by ~0.2 on average, depends on the prior, and a tile edge 16 px away
-    changes it by tens of grey levels, so tiling and seed mistakes show.
-    """
-    torch.manual_seed(0)
-    model = blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny"))
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    """A tiny model that really changes an image (see kaiming), as a checkpoint file."""
     path = tmp_path_factory.mktemp("ckpt") / "strong.pt"
-    model.save(path)
+    kaiming(blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny"))).save(path)
     return path
 
 
 # ------------------------------------------------------------------------------------------------ inputs, outputs
 
 
-def test_sample_writes_the_models_output_beside_the_input_at_the_input_size(tmp_path, sample_ckpt, capsys):
+def test_sample_writes_the_models_output_beside_the_input_at_the_input_size(tmp_path, sample_strong_ckpt, capsys):
     src = _sample_save(tmp_path / "blurry.png", 37, 53)
-    code, out, err = _sample_run([src, "--ckpt", sample_ckpt], capsys)
+    code, out, err = _sample_run([src, "--ckpt", sample_strong_ckpt], capsys)
     assert code == 0, err
     written = _sample_read(tmp_path / "blurry_deblurred.png")
     assert written.shape == (37, 53, 3)
-    model = blurdm.BlurDM.from_checkpoint(sample_ckpt)
-    expected = blurdm.to_uint8(model.deblur(blurdm.read_image(src)[None], seed=2023)[0]).permute(1, 2, 0).numpy()
+    expected = _sample_expected(sample_strong_ckpt, src, seed=2023)
     assert np.array_equal(written, expected)  # the model's own output with the official seed, rounded as saved
-    assert "blurry_deblurred.png" in out and "done: 1 written, 0 skipped, 0 failed" in out
+    assert not np.array_equal(written, _sample_read(src))  # the model did change the image
+    assert re.search(r"\[1/1\] .*blurry\.png -> .*blurry_deblurred\.png \| 53x37 \| \d+\.\d\d s", out)
+    assert re.search(r"done: 1 written, 0 skipped, 0 failed \| \d+\.\d\d s an image on average \(cpu, fp32\)", out)
+    assert "/1" not in err  # no progress bar for one image
+    assert not list(tmp_path.glob(".*"))  # the atomic write left no temporary file
 
 
-def test_sample_reads_every_format_mode_and_size_and_passes_alpha_through(tmp_path, sample_ckpt, capsys):
-    """Each odd file must deblur exactly like a plain 8-bit RGB PNG of the picture it shows (ref/)."""
+def test_sample_reads_every_format_mode_and_size_and_passes_alpha_through(tmp_path, sample_strong_ckpt, capsys):
+    """Each odd file must deblur exactly like a plain 8-bit PNG of the picture it shows (ref/)."""
     d, ref = tmp_path / "in", tmp_path / "ref"
     ref.mkdir()
     photo = _sample_photo(12, 20)
@@ -1051,13 +1099,11 @@ def test_sample_reads_every_format_mode_and_size_and_passes_alpha_through(tmp_pa
         _sample_save(d / f"rgb_{suffix}.{suffix}", 21, 30)
     _sample_save(d / "one_pixel.png", 1, 1)
     _sample_save(d / "odd.png", 7, 13)
-    Image.fromarray(photo).convert("L").save(d / "gray.png")
-    Image.fromarray(np.repeat(np.asarray(Image.open(d / "gray.png"))[..., None], 3, -1)).save(ref / "gray.png")
     Image.fromarray(photo).convert("P").save(d / "palette.png")
     Image.open(d / "palette.png").convert("RGB").save(ref / "palette.png")
     gray16 = np.arange(12 * 20, dtype=np.uint16).reshape(12, 20) * 273
     Image.fromarray(gray16).save(d / "gray16.png")
-    Image.fromarray(np.repeat((gray16 / 257).round().astype(np.uint8)[..., None], 3, -1)).save(ref / "gray16.png")
+    Image.fromarray((gray16 / 257).round().astype(np.uint8)).save(ref / "gray16.png")
     rgb16 = np.stack([gray16, gray16[::-1], 65535 - gray16], -1)
     _sample_png16(d / "rgb16.png", rgb16)
     Image.fromarray((rgb16 / 257).round().astype(np.uint8)).save(ref / "rgb16.png")
@@ -1069,87 +1115,123 @@ def test_sample_reads_every_format_mode_and_size_and_passes_alpha_through(tmp_pa
     Image.fromarray(photo).save(d / "exif.png", exif=exif)
     Image.fromarray(np.ascontiguousarray(np.rot90(photo, -1))).save(ref / "exif.png")
 
-    code, out, err = _sample_run([d, "--ckpt", sample_ckpt], capsys)
+    code, out, err = _sample_run([d, "--ckpt", sample_strong_ckpt], capsys)
     assert code == 0, err
-    assert "done: 13 written, 0 skipped, 0 failed" in out
+    assert "done: 12 written, 0 skipped, 0 failed" in out
     shapes = {p.name: _sample_read(p).shape for p in d.glob("*_deblurred.png")}
     assert shapes == {"rgb_png_deblurred.png": (21, 30, 3), "rgb_jpg_deblurred.png": (21, 30, 3),
                       "rgb_webp_deblurred.png": (21, 30, 3), "rgb_bmp_deblurred.png": (21, 30, 3),
                       "rgb_tif_deblurred.png": (21, 30, 3), "one_pixel_deblurred.png": (1, 1, 3),
-                      "odd_deblurred.png": (7, 13, 3), "gray_deblurred.png": (12, 20, 3),
-                      "palette_deblurred.png": (12, 20, 3), "gray16_deblurred.png": (12, 20, 3),
-                      "rgb16_deblurred.png": (12, 20, 3), "rgba_deblurred.png": (12, 20, 4),
-                      "exif_deblurred.png": (20, 12, 3)}
+                      "odd_deblurred.png": (7, 13, 3), "palette_deblurred.png": (12, 20, 3),
+                      "gray16_deblurred.png": (12, 20), "rgb16_deblurred.png": (12, 20, 3),
+                      "rgba_deblurred.png": (12, 20, 4), "exif_deblurred.png": (20, 12, 3)}
     assert np.array_equal(_sample_read(d / "rgba_deblurred.png")[..., 3], alpha)  # alpha copied unchanged
-    assert _sample_run([ref, "--ckpt", sample_ckpt], capsys)[0] == 0
-    for name, tolerance in (("gray", 0), ("palette", 0), ("rgba", 0), ("exif", 0), ("gray16", 2), ("rgb16", 2)):
-        ours = _sample_read(d / f"{name}_deblurred.png")[..., :3].astype(int)
+    assert _sample_run([ref, "--ckpt", sample_strong_ckpt], capsys)[0] == 0
+    for name, tolerance in (("palette", 0), ("rgba", 0), ("exif", 0), ("gray16", 8), ("rgb16", 8)):
+        ours = _sample_read(d / f"{name}_deblurred.png").astype(int)
+        ours = ours[..., :3] if name == "rgba" else ours
         plain = _sample_read(ref / f"{name}_deblurred.png").astype(int)
-        assert np.abs(ours - plain).max() <= tolerance, name  # 16-bit: 1/65535 vs 1/255 steps
+        # 16-bit: inputs 1/65535 vs 1/255 apart, which the test network amplifies (4 levels measured); a wrong
+        # scale or channel order would be off by tens of levels
+        assert np.abs(ours - plain).max() <= tolerance, name
 
 
-def test_sample_folders_mirror_subfolders_and_leave_out_their_own_outputs(tmp_path, sample_ckpt, capsys):
+def test_sample_grayscale_in_gives_grayscale_out_without_a_colour_tint(tmp_path, sample_strong_ckpt, capsys):
+    gray = _sample_save(tmp_path / "gray.png", 24, 40, mode="L")
+    _sample_save(tmp_path / "colour.png", 24, 40)
+    Image.fromarray(np.dstack([_sample_read(gray), _sample_read(gray)]), "LA").save(tmp_path / "gray_alpha.png")
+    code, _, err = _sample_run([tmp_path, "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0, err
+    rgb = _sample_expected(sample_strong_ckpt, gray).astype(int)
+    assert np.abs(rgb[..., 0] - rgb[..., 1]).max() > 2  # the model alone would tint this gray image
+    with Image.open(tmp_path / "gray_deblurred.png") as written:
+        assert written.mode == "L"
+        # the mean of the model's channels (rounded once, from floats: within 1 of the rounded channels' mean)
+        assert np.abs(np.asarray(written).astype(int) - rgb.mean(-1)).max() <= 1
+    with Image.open(tmp_path / "gray_alpha_deblurred.png") as written:
+        assert written.mode == "LA"  # gray with alpha stays gray, alpha kept
+    with Image.open(tmp_path / "colour_deblurred.png") as written:
+        assert written.mode == "RGB"
+
+
+def test_sample_folders_mirror_subfolders_and_leave_out_their_own_outputs(tmp_path, sample_strong_ckpt, capsys):
     d = tmp_path / "photos"
-    for name in ("a.png", "sub/b.jpg", "sub/deeper/c.png", "old_deblurred.png", "old_compare.png"):
+    for name in ("a.png", "sub/b.jpg", "sub/deeper/c.png", "old_deblurred.png", ".hidden.png"):
         _sample_save(d / name)
-    code, out, _ = _sample_run([d, "--ckpt", sample_ckpt], capsys)  # not recursive: the top folder only
-    assert code == 0
+    code, out, _ = _sample_run([d, "--ckpt", sample_strong_ckpt], capsys)  # not recursive: the top folder only
+    assert code == 0 and "| 1 image" in out
     assert sorted(p.name for p in d.glob("*_deblurred.png")) == ["a_deblurred.png", "old_deblurred.png"]
-    assert "1 image" in out
 
-    code, out, _ = _sample_run([d, "--recursive", "-o", tmp_path / "out", "--ckpt", sample_ckpt], capsys)
+    code, out, _ = _sample_run([d, "--recursive", "-o", tmp_path / "out", "--ckpt", sample_strong_ckpt], capsys)
     assert code == 0
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["a_deblurred.png", "sub/b_deblurred.png", "sub/deeper/c_deblurred.png"]
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _sample_run([empty, "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and f"error: {empty}: no images in this folder" in err
 
-def test_sample_glob_patterns_expand_to_files_and_folders(tmp_path, sample_ckpt, capsys):
-    for name in ("s1/blur/1.png", "s2/blur/1.png", "s2/sharp/1.png", "x.png", "notes.txt"):
-        _sample_save(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text("hi")
+
+def test_sample_glob_patterns_expand_to_files_and_folders(tmp_path, sample_strong_ckpt, capsys):
+    for name in ("s1/blur/1.png", "s2/blur/1.png", "s2/sharp/1.png", "x.png", "x_deblurred.png"):
+        _sample_save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("hi")
     pattern = str(tmp_path / "*" / "blur")  # matches two folders: sub-folders mirrored from the fixed part
-    code, out, err = _sample_run([pattern, str(tmp_path / "*.*"), "-o", tmp_path / "out", "--ckpt", sample_ckpt],
-                                 capsys)
+    code, out, err = _sample_run([pattern, str(tmp_path / "*.*"), "-o", tmp_path / "out", "--ckpt",
+                                  sample_strong_ckpt], capsys)
     assert code == 0, err
     written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["s1/blur/1_deblurred.png", "s2/blur/1_deblurred.png", "x_deblurred.png"]
-    code, _, err = _sample_run([str(tmp_path / "*.jpg"), "--ckpt", sample_ckpt], capsys)
+
+    code, _, err = _sample_run([str(tmp_path / "**" / "sharp" / "*.png"), "-r", "-o", tmp_path / "deep", "--ckpt",
+                                sample_strong_ckpt], capsys)  # ** with -r reaches into sub-folders
+    assert code == 0, err
+    assert [p.relative_to(tmp_path / "deep").as_posix() for p in (tmp_path / "deep").rglob("*.png")] == \
+        ["s2/sharp/1_deblurred.png"]
+    code, _, err = _sample_run([str(tmp_path / "*.jpg"), "--ckpt", sample_strong_ckpt], capsys)
     assert code == 1 and "no images match this pattern" in err
 
 
-def test_sample_out_is_a_file_for_one_input_and_must_be_a_folder_for_several(tmp_path, sample_ckpt, capsys):
+def test_sample_out_is_a_file_for_one_input_and_must_be_a_folder_for_several(tmp_path, sample_strong_ckpt, capsys):
     a, b = _sample_save(tmp_path / "a.png"), _sample_save(tmp_path / "b.png")
-    code, _, _ = _sample_run([a, "-o", tmp_path / "result.png", "--ckpt", sample_ckpt], capsys)
+    code, _, _ = _sample_run([a, "-o", tmp_path / "result.png", "--ckpt", sample_strong_ckpt], capsys)
     assert code == 0 and _sample_read(tmp_path / "result.png").shape == (24, 40, 3)
-    code, _, err = _sample_run([a, b, "-o", tmp_path / "result2.png", "--ckpt", sample_ckpt], capsys)
+    code, _, err = _sample_run([a, b, "-o", tmp_path / "result2.png", "--ckpt", sample_strong_ckpt], capsys)
     assert code == 1 and "give a folder" in err and not (tmp_path / "result2.png").exists()
 
 
-def test_sample_never_overwrites_an_input_and_skips_existing_outputs_unless_forced(tmp_path, sample_ckpt, capsys):
+def test_sample_never_overwrites_an_input_and_skips_existing_outputs_unless_forced(tmp_path, sample_strong_ckpt,
+                                                                                   capsys):
     src = _sample_save(tmp_path / "a.png")
     before = src.read_bytes()
-    code, _, err = _sample_run([src, "-o", src, "--force", "--ckpt", sample_ckpt], capsys)
+    code, _, err = _sample_run([src, "-o", src, "--force", "--ckpt", sample_strong_ckpt], capsys)
     assert code == 1 and "is an input; refusing to overwrite it" in err and src.read_bytes() == before
 
     out_file = tmp_path / "a_deblurred.png"
     out_file.write_bytes(b"an older result")
-    code, out, _ = _sample_run([src, "--ckpt", sample_ckpt], capsys)
+    code, out, _ = _sample_run([src, "--ckpt", sample_strong_ckpt], capsys)
     assert code == 0 and "exists; skipped (--force overwrites it)" in out and "1 skipped" in out
     assert out_file.read_bytes() == b"an older result"
-    code, out, _ = _sample_run([src, "--force", "--ckpt", sample_ckpt], capsys)
-    assert code == 0 and _sample_read(out_file).shape == (24, 40, 3)
+    code, out, _ = _sample_run([src, str(tmp_path / "*.png"), "--force", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "done: 1 written, 0 skipped, 0 failed" in out  # named twice: deblurred once
+    assert _sample_read(out_file).shape == (24, 40, 3)
 
     _sample_save(tmp_path / "a.jpg")  # a.png and a.jpg both want a_deblurred.png: the second is refused
-    code, _, err = _sample_run([src, tmp_path / "a.jpg", "--force", "--ckpt", sample_ckpt], capsys)
-    assert code == 1 and "would write the same output as" in err
+    code, out, err = _sample_run([src, tmp_path / "a.jpg", "--force", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and "a.jpg: would write the same output as" in err and "1 written" in out
 
 
-def test_sample_compare_puts_the_blurry_input_left_of_the_result(tmp_path, sample_ckpt, capsys):
-    src = _sample_save(tmp_path / "a.png", 20, 32)
-    code, _, _ = _sample_run([src, "--compare", "--ckpt", sample_ckpt], capsys)
-    side_by_side = _sample_read(tmp_path / "a_compare.png")
-    assert code == 0 and side_by_side.shape == (20, 64, 3)
-    assert np.array_equal(side_by_side[:, :32], _sample_read(src))
-    assert np.array_equal(side_by_side[:, 32:], _sample_read(tmp_path / "a_deblurred.png"))
+def test_sample_corrupt_image_does_not_block_a_good_one_with_the_same_output_name(tmp_path, sample_strong_ckpt,
+                                                                                   capsys):
+    d = tmp_path / "shots"
+    good = _sample_save(d / "x.png")
+    (d / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # sorted first: read before x.png
+    code, out, err = _sample_run([d, "--ckpt", sample_strong_ckpt], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1 and "x.jpg: not a readable image" in errors[0]
+    assert np.array_equal(_sample_read(d / "x_deblurred.png"), _sample_expected(sample_strong_ckpt, good))
+    assert "done: 1 written, 0 skipped, 1 failed" in out
 
 
 def test_sample_seed_fixes_the_prior_noise(tmp_path, sample_strong_ckpt, capsys):
@@ -1162,142 +1244,77 @@ def test_sample_seed_fixes_the_prior_noise(tmp_path, sample_strong_ckpt, capsys)
     assert np.abs(results[0] - results[2]).max() > 0
 
 
-# ------------------------------------------------------------------------------------------------ tiling
-
-
-def test_sample_tile_layout_covers_the_image_with_aligned_overlapping_tiles():
-    for length in range(8, 800, 8):
-        for tile, overlap in ((64, 0), (64, 32), (128, 64), (1352, 64)):
-            starts, size = sample.tile_layout(length, tile, overlap)
-            assert size <= max(tile, length) and size % 8 == 0 and all(s % 8 == 0 for s in starts)
-            assert starts[0] == 0 and starts[-1] + size == length
-            assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
-            if length > tile:  # as few tiles as the tile size allows
-                assert len(starts) == -(-(length - overlap) // (tile - overlap))
-
-
-def test_sample_tiles_blend_without_seams_and_match_the_untiled_result(tmp_path, sample_strong_ckpt, capsys):
+def test_sample_tiled_run_has_the_image_size_and_stays_close_to_the_untiled_one(tmp_path, sample_strong_ckpt,
+                                                                                capsys):
     """
-    140 x 203 (not a multiple of 8) in 2 x 2 tiles. The test network's output near a tile edge is off by up to ~120
-    grey levels (zero padding where the untiled run sees image) and by < 0.05 level 32 px in (measured); every tile
-    shares the whole image's prior. The blend gives a tile ~0 weight within 16 px of its edge and full weight from
-    48 px on, so with a 64 px overlap the tiled result is within 3 levels everywhere (2 measured, at tile corners)
-    and 0.1 on average (0.015). Without overlap the same comparison shows seams of over 50 levels (~200 measured).
+    140 x 203 in 2 x 2 tiles of 136 px overlapping by 64 px: every tile shares the whole image's prior and the blend
+    gives way before a tile's edge, so the result is within 3 grey levels of the untiled run (2 measured). Tiles
+    that do not overlap show seams of tens of levels: --tile and --overlap do reach the model.
     """
     src = tmp_path / "big.png"
     Image.fromarray(_sample_photo(140, 203)).save(src)
     common = [src, "--ckpt", sample_strong_ckpt]
-    _sample_run(common + ["-o", tmp_path / "whole.png"], capsys)
-    code, out, _ = _sample_run(common + ["-o", tmp_path / "tiled.png", "--tile", 136, "--tile-overlap", 64], capsys)
-    assert code == 0 and "2x2 tiles" in out
-    _sample_run(common + ["-o", tmp_path / "seams.png", "--tile", 64, "--tile-overlap", 0], capsys)
-    whole, tiled, seams = (_sample_read(tmp_path / n).astype(int) for n in ("whole.png", "tiled.png", "seams.png"))
+    for name, flags in (("whole", ["--tile", 0]), ("default", []), ("tiled", ["--tile", 136, "--overlap", 64]),
+                        ("seams", ["--tile", 64, "--overlap", 0])):
+        assert _sample_run(common + ["-o", tmp_path / f"{name}.png"] + flags, capsys)[0] == 0
+    whole, default, tiled, seams = (_sample_read(tmp_path / f"{n}.png").astype(int)
+                                    for n in ("whole", "default", "tiled", "seams"))
+    assert np.array_equal(default, whole)  # the default 1536 px tile leaves a small image whole
+    assert tiled.shape == whole.shape == (140, 203, 3)
     assert np.abs(tiled - whole).max() <= 3 and np.abs(tiled - whole).mean() < 0.1
     assert np.abs(seams - whole).max() > 50
 
 
-def test_sample_tiles_automatically_over_max_pixels_with_one_prior_per_image(tmp_path, sample_ckpt, capsys,
+# ------------------------------------------------------------------------------------------------ precision, device
+
+
+def test_sample_amp_that_cannot_run_here_says_so_and_runs_in_fp32(tmp_path, sample_strong_ckpt, capsys, monkeypatch):
+    src = _sample_save(tmp_path / "a.png", 48, 64)
+    monkeypatch.setattr(blurdm, "has_native_bf16", lambda: False)
+    code, out, err = _sample_run([src, "-o", tmp_path / "fp32.png", "--device", "cpu", "--amp", "bf16",
+                                  "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0, err
+    assert "--amp bf16 runs in fp32 on cpu: this CPU has no native bf16" in out and "(cpu, fp32)" in out
+    assert np.array_equal(_sample_read(tmp_path / "fp32.png"), _sample_expected(sample_strong_ckpt, src))
+    code, out, _ = _sample_run([src, "-o", tmp_path / "fp16.png", "--device", "cpu", "--amp", "fp16",
+                                "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "fp16 is for CUDA" in out and "(cpu, fp32)" in out
+
+    monkeypatch.setattr(blurdm, "has_native_bf16", lambda: True)  # emulated here, but the autocast is the same
+    code, out, _ = _sample_run([src, "-o", tmp_path / "bf16.png", "--device", "cpu", "--amp", "bf16",
+                                "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "(cpu, bf16)" in out
+    difference = np.abs(_sample_read(tmp_path / "bf16.png").astype(int) - _sample_read(tmp_path / "fp32.png"))
+    assert 0 < difference.max() <= 16 and difference.mean() < 1.5  # it ran in bf16, and close to fp32
+
+
+def test_sample_cuda_asked_for_where_there_is_none_is_a_one_line_error(tmp_path, sample_strong_ckpt, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _sample_run([_sample_save(tmp_path / "a.png"), "--device", "cuda", "--ckpt", sample_strong_ckpt],
+                               capsys)
+    assert code == 1 and err == "error: --device cuda: no CUDA device is available to this PyTorch build\n"
+
+
+def test_sample_out_of_memory_fails_that_image_with_a_tile_hint_and_carries_on(tmp_path, sample_strong_ckpt, capsys,
                                                                               monkeypatch):
-    src = _sample_save(tmp_path / "a.png", 60, 90)
-    calls = []
-    original = blurdm.BlurDM.prior_for
-    monkeypatch.setattr(blurdm.BlurDM, "prior_for", lambda self, x, seed=2023: calls.append(x.shape) or
-                        original(self, x, seed))
-    code, out, _ = _sample_run([src, "--max-pixels", 48 * 48, "--tile-overlap", 8, "--ckpt", sample_ckpt], capsys)
-    assert code == 0 and "3x2 tiles of 40x40" in out
-    assert _sample_read(tmp_path / "a_deblurred.png").shape == (60, 90, 3)
-    assert calls == [(1, 3, 60, 90)]  # one prior, on the whole image, shared by every tile
+    d = tmp_path / "photos"
+    _sample_save(d / "a.png", 24, 40)
+    _sample_save(d / "huge.png", 40, 64)
+    original = blurdm.BlurDM.deblur
 
-    calls.clear()  # over PRIOR_MAX_PIXELS the prior comes from an area-downscaled copy
-    monkeypatch.setattr(sample, "PRIOR_MAX_PIXELS", 1000)
-    code, _, _ = _sample_run([src, "--force", "--max-pixels", 48 * 48, "--tile-overlap", 8, "--ckpt", sample_ckpt],
-                             capsys)
-    assert code == 0 and len(calls) == 1 and calls[0][2] * calls[0][3] <= 1000 and calls[0][3] > calls[0][2]
-
-
-def test_sample_default_max_pixels_follows_the_memory_budget_of_the_model_width():
-    per_width_32 = sample.MEMORY_BUDGET // (sample.BYTES_PER_PIXEL_PER_WIDTH * 32)
-    assert 1280 * 720 < per_width_32 < 4000 * 3000  # a video frame runs whole, a 12 MP photo is tiled
-    assert 4000 * 3000 < sample.PRIOR_MAX_PIXELS  # a 12 MP photo's prior sees the whole image at full size
-
-
-# ------------------------------------------------------------------------------------------------ scoring
-
-
-def test_sample_scores_against_a_folder_by_relative_path_then_stem(tmp_path, sample_ckpt, capsys):
-    for i, name in enumerate(("x/1.png", "x/2.png", "y/3.png")):
-        _sample_save(tmp_path / "blurry" / name, seed=i)
-    _sample_save(tmp_path / "gt" / "x" / "1.png", seed=10)  # same relative path
-    _sample_save(tmp_path / "gt" / "elsewhere" / "2.bmp", seed=11)  # same stem, another folder and format
-    code, out, _ = _sample_run([tmp_path / "blurry", "-r", "-o", tmp_path / "out", "--gt", tmp_path / "gt",
-                                "--ckpt", sample_ckpt], capsys)
-    assert code == 0  # an image with no ground truth is reported, not a failure
-    assert blurdm.SSIM_RECIPE in out and "no ground truth:" in out and "3.png" in out.split("no ground truth:")[1]
-    with open(tmp_path / "out" / "scores.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [Path(r["ground_truth"]).name for r in rows] == ["1.png", "2.bmp"]
-    for row in rows:
-        result = blurdm.to_uint8(blurdm.read_image(row["output"]))
-        sharp = blurdm.to_uint8(blurdm.read_image(row["ground_truth"]))
-        assert float(row["psnr_db"]) == pytest.approx(blurdm.psnr(result, sharp), abs=1e-4)
-        assert float(row["ssim"]) == pytest.approx(blurdm.ssim(result, sharp), abs=1e-6)
-        assert f"PSNR {float(row['psnr_db']):.2f} dB" in out
-    mean = sum(float(r["psnr_db"]) for r in rows) / 2
-    assert f"mean over 2 images: PSNR {mean:.2f} dB" in out
-
-    code, out2, _ = _sample_run([tmp_path / "blurry", "-r", "-o", tmp_path / "out", "--gt", tmp_path / "gt",
-                                 "--ckpt", sample_ckpt], capsys)  # outputs exist: skipped, still scored
-    assert code == 0 and "3 skipped" in out2 and f"mean over 2 images: PSNR {mean:.2f} dB" in out2
-
-
-def test_sample_ground_truth_folder_holding_the_inputs_pairs_blur_with_sharp_never_with_itself(tmp_path, sample_ckpt,
-                                                                                                capsys):
-    for sequence in ("S1", "S2"):
-        _sample_save(tmp_path / "test" / sequence / "blur" / "000001.png", seed=1)
-        _sample_save(tmp_path / "test" / sequence / "sharp" / "000001.png", seed=2)
-    code, out, _ = _sample_run([str(tmp_path / "test" / "*" / "blur"), "-o", tmp_path / "out", "--gt",
-                                tmp_path / "test", "--ckpt", sample_ckpt], capsys)
-    assert code == 0
-    with open(tmp_path / "out" / "scores.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2
-    for row in rows:
-        assert Path(row["ground_truth"]).parent.name == "sharp"
-        assert Path(row["ground_truth"]).parent.parent == Path(row["input"]).parent.parent
-
-
-def test_sample_scores_gopro_and_hide_trees_through_train_find_pairs(tmp_path, sample_ckpt, capsys):
-    gopro = tmp_path / "GOPRO_Large"
-    for seq in ("GOPR0001_11_00", "GOPR0002_11_00"):
-        for split in ("train", "test"):
-            _sample_save(gopro / split / seq / "blur" / "000001.png", seed=1)
-            _sample_save(gopro / split / seq / "sharp" / "000001.png", seed=2)
-    code, out, err = _sample_run([str(gopro / "test" / "*" / "blur"), "-o", tmp_path / "out", "--gt", gopro,
-                                  "--ckpt", sample_ckpt], capsys)
-    assert code == 0, err
-    assert "gopro layout" in out and "mean over 2 images" in out
-    with open(tmp_path / "out" / "scores.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [Path(r["ground_truth"]).relative_to(gopro).as_posix() for r in rows] == \
-        ["test/GOPR0001_11_00/sharp/000001.png", "test/GOPR0002_11_00/sharp/000001.png"]
-
-    hide = tmp_path / "HIDE_dataset"
-    _sample_save(hide / "test" / "test-close-ups" / "5.png", seed=3)
-    _sample_save(hide / "test" / "test-long-shot" / "6.png", seed=4)
-    for name in ("5.png", "6.png"):
-        _sample_save(hide / "GT" / name, seed=5)
-    code, out, err = _sample_run([hide / "test", "-r", "-o", tmp_path / "hide_out", "--gt", hide,
-                                  "--csv", tmp_path / "hide.csv", "--ckpt", sample_ckpt], capsys)
-    assert code == 0, err
-    assert "hide layout" in out and "mean over 2 images" in out
-    assert len(list(csv.DictReader(open(tmp_path / "hide.csv")))) == 2
-
-
-def test_sample_ground_truth_of_another_size_is_an_error(tmp_path, sample_ckpt, capsys):
-    src = _sample_save(tmp_path / "in" / "a.png", 24, 40)
-    _sample_save(tmp_path / "gt" / "a.png", 24, 41)
-    code, _, err = _sample_run([src, "--gt", tmp_path / "gt", "--ckpt", sample_ckpt], capsys)
-    assert code == 1 and "ground truth is 41x24, the output 40x24" in err
+    def deblur(self, x, **kwargs):
+        if x.shape[-1] == 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+        return original(self, x, **kwargs)
+    monkeypatch.setattr(blurdm.BlurDM, "deblur", deblur)
+    code, out, err = _sample_run([d, "--ckpt", sample_strong_ckpt], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and errors == [f"error: {d / 'huge.png'}: CUDA out of memory. Tried to allocate 20.00 GiB "
+                                    "(a smaller --tile needs less memory)"]
+    assert (d / "a_deblurred.png").exists() and not (d / "huge_deblurred.png").exists()
+    assert not list(d.glob(".*"))  # no temporary file left behind
+    assert "done: 1 written, 0 skipped, 1 failed" in out
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -1312,54 +1329,40 @@ def test_sample_missing_default_weights_ask_for_ckpt(tmp_path, monkeypatch, caps
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a_deblurred.png").exists()
 
 
-def test_sample_files_that_are_not_checkpoints_give_one_line_errors(tmp_path, sample_ckpt, capsys):
+def test_sample_files_that_are_not_checkpoints_give_one_line_errors_without_traceback(tmp_path, sample_strong_ckpt,
+                                                                                      capsys):
     src = _sample_save(tmp_path / "a.png")
-    data = sample_ckpt.read_bytes()
+    data = sample_strong_ckpt.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    for name, problem in (("truncated.pt", "not a PyTorch checkpoint"), ("other.pt", "not a BlurDM checkpoint"),
-                          ("notes.pt", "not a PyTorch checkpoint"), ("missing.pt", "no such checkpoint file")):
+    cases = (("truncated.pt", "not a PyTorch checkpoint"), ("other.pt", "not a BlurDM checkpoint"),
+             ("notes.pt", "not a PyTorch checkpoint"), ("missing.pt", "no such checkpoint file"))
+    for name, problem in cases:
         code, _, err = _sample_run([src, "--ckpt", tmp_path / name], capsys)
-        assert code == 1 and err.strip().startswith(f"error: {tmp_path / name}: {problem}"), err
+        assert code == 1 and err.startswith(f"error: {tmp_path / name}: {problem}"), err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a_deblurred.png").exists()
 
-
-def test_sample_device_and_amp_choices_are_explained(tmp_path, sample_ckpt, capsys):
-    src = _sample_save(tmp_path / "a.png")
-    if not torch.cuda.is_available():
-        code, _, err = _sample_run([src, "--device", "cuda", "--ckpt", sample_ckpt], capsys)
-        assert code == 1 and "no CUDA device" in err
-    code, out, _ = _sample_run([src, "--device", "cpu", "--amp", "fp16", "--ckpt", sample_ckpt], capsys)
-    assert code == 0 and "--amp fp16 does not apply on cpu" in out and "on cpu, fp32 |" in out
+    result = subprocess.run([sys.executable, str(_SAMPLE_PY), str(src), "--ckpt", str(tmp_path / "truncated.pt")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'truncated.pt'}: not a PyTorch checkpoint " \
+                                    "(unreadable or truncated)"
 
 
-def test_sample_bf16_on_the_cpu_stays_within_a_few_grey_levels_of_fp32(tmp_path, sample_strong_ckpt, capsys):
-    src = _sample_save(tmp_path / "a.png", 48, 64)
-    outputs = {}
-    for amp in ("none", "bf16"):
-        code, out, err = _sample_run([src, "-o", tmp_path / f"{amp}.png", "--device", "cpu", "--amp", amp,
-                                      "--ckpt", sample_strong_ckpt], capsys)
-        assert code == 0, err
-        outputs[amp] = _sample_read(tmp_path / f"{amp}.png").astype(int)
-    assert "on cpu, bf16 |" in out
-    difference = np.abs(outputs["bf16"] - outputs["none"])
-    # it did run in bf16, and close: this net amplifies rounding (7 levels at most, 0.7 on average measured here);
-    # the trained demo weights differ from fp32 by at most 1 level on the held-out photographs (README)
-    assert 0 < difference.max() <= 16 and difference.mean() < 1.5
-
-
-def test_sample_unwritable_output_folder_fails_before_the_work(tmp_path, sample_ckpt, capsys):
+def test_sample_unwritable_output_place_fails_before_the_work(tmp_path, sample_strong_ckpt, capsys, monkeypatch):
     src = _sample_save(tmp_path / "a.png")
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")  # works as root too, unlike chmod
-    code, _, err = _sample_run([src, "-o", blocker / "out", "--ckpt", sample_ckpt], capsys)
-    assert code == 1 and f"{blocker / 'out'}: cannot create the output folder" in err
-    assert len(err.strip().splitlines()) == 1
+    calls = []
+    monkeypatch.setattr(blurdm.BlurDM, "deblur", lambda self, *args, **kwargs: calls.append(1))
+    code, _, err = _sample_run([src, "-o", blocker / "out", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and err.startswith(f"error: {blocker / 'out' / 'a_deblurred.png'}: cannot write here")
+    assert len(err.strip().splitlines()) == 1 and calls == []  # the model never ran
 
 
-def test_sample_bad_files_fail_alone_with_one_line_and_no_traceback(tmp_path, sample_ckpt):
+def test_sample_bad_files_fail_alone_with_one_line_each(tmp_path, sample_strong_ckpt, capsys):
     d = tmp_path / "batch"
     _sample_save(d / "good.png")
     (d / "empty.png").write_bytes(b"")
@@ -1368,16 +1371,13 @@ def test_sample_bad_files_fail_alone_with_one_line_and_no_traceback(tmp_path, sa
     (d / "truncated.png").write_bytes(good_bytes[: len(good_bytes) // 2])
     _sample_png16(d / "bomb.png", np.zeros((1, 1, 3), np.uint16), size=(20000, 20000))  # 400 MP in 100 bytes
 
-    result = subprocess.run([sys.executable, str(_SAMPLE_PY), str(d), str(tmp_path / "missing.png"), "--ckpt",
-                             str(sample_ckpt)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    code, out, err = _sample_run([d, tmp_path / "missing.png", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 5
     for name, problem in (("missing.png", "no such file or folder"), ("empty.png", "not a readable image"),
                           ("notes.png", "not a readable image"), ("truncated.png", "not a readable image"),
                           ("bomb.png", "image too large")):
-        assert any(name in e and problem in e for e in errors), (name, errors)
-    assert (d / "good_deblurred.png").exists() and "done: 1 written, 0 skipped, 5 failed | " in result.stdout
-    assert "5/5" in result.stderr  # the progress bar over the images
-    assert re.search(r"good\.png -> .*good_deblurred\.png \| 40x24 \| \d+\.\d\d s", result.stdout)
-    assert re.search(r"\| \d+\.\d\d s an image on average \(cpu, fp32\)", result.stdout)
+        assert sum(name in e and problem in e for e in errors) == 1, (name, errors)
+    assert (d / "good_deblurred.png").exists() and "done: 1 written, 0 skipped, 5 failed | " in out
+    assert "5/5" in err  # the progress bar over several images

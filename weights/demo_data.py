@@ -1,13 +1,14 @@
-"""
+r"""
 The data behind the demo weights, rebuilt from Debian's wallpaper packages (no download beyond apt):
 
-    apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds
+    apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds lomiri-wallpapers-16.04 \
+        lxqt-themes
     python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout/{blur,sharp}
     python weights/demo_data.py --example            # -> assets/example_blurry.png from assets/example_sharp.png
     python weights/demo_data.py --figure             # -> assets/figure.jpg: blurry | deblurred | sharp
 
-Each photograph (the largest copy of it) is halved to about 1280 px wide. Four are held out (data/photos/test), and
-each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
+Each photograph (the largest copy of it) is halved, most to about 1280 px wide. Seven are held out (data/photos/test),
+and each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
 inputs' own PSNR / SSIM are printed at the end.
 """
 
@@ -23,10 +24,28 @@ ASSETS = ROOT / "assets"
 sys.path.insert(0, str(ROOT))  # blurdm.py
 import blurdm  # noqa: E402
 
-HELD_OUT = ("EveningGlow", "ColorfulCups", "LadyBird", "Path")
-KDE_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+HELD_OUT = ("EveningGlow", "ColorfulCups", "LadyBird", "Path", "PicosDeEuropa", "Spaniels", "FigBowl")
+KDE_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
               "OneStandsOut", "Path", "summer_1am")  # the other KDE wallpapers are illustrations
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
+LOMIRI, LXQT = Path("/usr/share/backgrounds"), Path("/usr/share/lxqt/wallpapers")  # lomiri-wallpapers-16.04, lxqt-themes
+MORE_PHOTOS = {  # their other wallpapers are illustrations or mostly out of focus
+    "Aitzgorri": LOMIRI / "aitzgorri_by_Aitzol_Berasategi.jpg",
+    "AnalogPattern": LOMIRI / "analogpattern_by_Peter_Nerlich.jpg",
+    "BridgeCables": LOMIRI / "Bridge_by_Sander_Klootwijk.jpg",
+    "FigBowl": LOMIRI / "Picture_0B_by_freespace.jpg",
+    "ForestStream": LOMIRI / "life_by_Aitzol_Berasategi.jpg",
+    "HilltopSunset": LOMIRI / "sunset_by_Aitzol_Berasategi.jpg",
+    "PaintBrushes": LOMIRI / "Picture_1A_by_freespace.jpg",
+    "PicosDeEuropa": LOMIRI / "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+    "Spaniels": LOMIRI / "friends_by_Aitzol_Berasategi.jpg",
+    "ToyBird": LOMIRI / "free_by_Peter_Nerlich.jpg",
+    "AfterTheRain": LXQT / "after-the-rain.jpg",
+    "FogField": LXQT / "fog.jpg",
+    "RollingHills": LXQT / "this-is-not-windows.jpg",
+    "SunBeam": LXQT / "beam.png",
+    "Valendas": LXQT / "Valendas.png",
+}
 
 
 def sources():
@@ -35,7 +54,7 @@ def sources():
     for name in KDE_PHOTOS:
         sizes = Path(f"/usr/share/wallpapers/{name}/contents/images").glob("*.jpg")
         found[name] = max(sizes, key=lambda p: Image.open(p).size[0] * Image.open(p).size[1])
-    return found
+    return found | {name: path for name, path in MORE_PHOTOS.items() if path.exists()}
 
 
 def scored(blurry, sharp):
@@ -45,8 +64,9 @@ def scored(blurry, sharp):
 
 def main(out=Path("data")):
     photos = sources()
-    if len(photos) < 20:
-        sys.exit(f"found {len(photos)} photographs; install plasma-workspace-wallpapers and mate-backgrounds first")
+    if len(photos) < 37:
+        sys.exit(f"found {len(photos)} of 37 photographs; install plasma-workspace-wallpapers, mate-backgrounds, "
+                 "lomiri-wallpapers-16.04 and lxqt-themes first")
     for name, path in photos.items():
         target = out / "photos" / ("test" if name in HELD_OUT else "train") / f"{name}.png"
         if target.exists():  # the same bytes again; rewriting would disturb a training run reading them
