@@ -1,6 +1,8 @@
 """
 Benchmark BlurDM presets: inference time and throughput, the share of time spent in the prior (blur encoder + the
-T reverse steps) against the deblurrer, peak memory, and one training step at the training crop.
+T reverse steps) against the deblurrer, peak memory, and training throughput: pixels a second of stage-3 training
+at the preset's batch and crop, data included (crops of the shipped example photograph, blurred on the fly as
+train.py does for photographs, in the training process as train.py does on the CPU).
 
     python bench.py                                  # every preset at 256x256 and 1280x720, on the best device
     python bench.py --presets demo tiny --sizes 1280x720 --device cpu --json bench.json
@@ -16,10 +18,15 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 import blurdm
+import train
+
+PHOTO = Path(__file__).resolve().parent / "assets" / "example_sharp.png"
 
 
 def sync(device):
@@ -69,20 +76,28 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
     else:
         row["peak_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if train_step:
-        cfg = model.cfg
-        crop = cfg.crop
-        batch = torch.rand(cfg.batch_size, 3, crop, crop, device=device), torch.rand(cfg.batch_size, 3, crop, crop, device=device)
+        cfg, memory_format = model.cfg, torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        dataset = train.PairDataset([(None, str(PHOTO))], cfg.crop, (0.0, 30.0), cfg.seed)
         optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
+        steps, data_time = iter(range(10 ** 9)), []
 
         def step():
+            t0 = time.perf_counter()
+            s = next(steps)
+            blur, sharp = (x.to(device, memory_format=memory_format) for x in
+                           default_collate([dataset[(3, s, k)] for k in range(cfg.batch_size)]))
+            data_time.append(time.perf_counter() - t0)
             with autocast():
-                loss = model.loss(*batch, stage=3)
+                loss = model.loss(blur, sharp, stage=3)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        row["train_step_s"] = timed(step, device, max(1, repeat // 2))
-        row["train_batch"] = f"{cfg.batch_size}x{crop}x{crop}"
+        row["train_step_s"] = timed(step, device, max(2, repeat))
+        row["train_data_s"] = min(data_time[1:])
+        row["train_megapixels_per_s"] = cfg.batch_size * cfg.crop ** 2 / 1e6 / row["train_step_s"]
+        row["train_batch"] = f"{cfg.batch_size}x{cfg.crop}x{cfg.crop}"
     return row
 
 
@@ -122,10 +137,11 @@ def main():
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            train_text = f"{r['train_step_s']:.2f} s ({r['train_batch']})" if "train_step_s" in r else "-"
+            train_text = f"{r['train_megapixels_per_s']:.3f} MP/s, {r['train_step_s']:.2f} s a step of " \
+                f"{r['train_batch']} (data {r['train_data_s']:.2f} s)" if "train_step_s" in r else "-"
             print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['params_M']:7.2f} M params | "
                   f"{r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior {100 * r['prior_share']:4.1f} % | "
-                  f"peak {r['peak_MiB']:7.0f} MiB | train step {train_text}", flush=True)
+                  f"peak {r['peak_MiB']:7.0f} MiB | training {train_text}", flush=True)
     with open(args.json, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
                    "channels_last": args.channels_last, "amp": args.amp, "rows": rows}, f, indent=1)

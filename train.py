@@ -97,6 +97,7 @@ def main(argv=None):
     if note:
         say(f"note: {note}")
     splits, problems = blurdm.find_pairs(args.data)
+    load_pair.cache_clear()  # files may have changed since an earlier run in this process
     say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
         + (" of sharp photographs, blurred on the fly" if next(iter(splits.values()))[0][0] is None else ""))
     out = Path(args.out)
@@ -356,8 +357,7 @@ def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a see
 
 
 def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
 
 
 def numbers(kind, count, least):
