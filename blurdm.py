@@ -89,11 +89,15 @@ class BlurDMConfig:
             value, kind = getattr(self, f.name), type(f.default)
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or \
                 (kind is float and type(value) is int) or (kind is tuple and isinstance(value, list))
-            if not ok:
-                raise ValueError(f"config field {f.name} must be {kind.__name__}, not {value!r}")
+            if not ok or (kind is float and not math.isfinite(value)):
+                what = "a finite float" if kind is float else kind.__name__
+                raise ValueError(f"config field {f.name} must be {what}, not {value!r}")
             if f.name in LIMITS and not LIMITS[f.name][0] <= value <= LIMITS[f.name][1]:
-                raise ValueError(f"config field {f.name} must be in [{LIMITS[f.name][0]}, {LIMITS[f.name][1]}], not {value!r}")
+                low, high = LIMITS[f.name]
+                raise ValueError(f"config field {f.name} must be in [{low}, {high}], not {value!r}")
         self.stage_epochs = tuple(self.stage_epochs)
+        if len(self.stage_epochs) != 3 or not all(type(e) in (int, float) and 0 <= e < 1e9 for e in self.stage_epochs):
+            raise ValueError(f"config field stage_epochs must be three numbers of epochs, not {self.stage_epochs!r}")
         if self.beta_bar_rule not in ("paper", "official"):
             raise ValueError(f"beta_bar_rule must be 'paper' or 'official', not {self.beta_bar_rule!r}")
         if self.prior_loss not in ("l1", "charbonnier"):
@@ -123,7 +127,7 @@ class BlurDMConfig:
 
 LIMITS = dict(width=(1, 512), num_res=(1, 100), dropout=(0.0, 1.0), latent_dim=(1, 4096), encoder_width=(1, 1024),
               encoder_blocks=(0, 100), estimator_layers=(1, 100), T=(1, 1000), beta_start=(0.0, 10.0),
-              beta_end=(0.0, 10.0), crop=(4, 8192), batch_size=(1, 1 << 16))
+              beta_end=(0.0, 10.0), crop=(4, 8192), batch_size=(1, 1 << 16), lr=(0.0, 1e30), lr_min=(0.0, 1e30))
 RECIPE_FIELDS = ("fft_weight", "charbonnier_eps", "prior_loss", "crop", "batch_size", "lr", "lr_min", "stage_epochs",
                  "seed")
 
@@ -567,7 +571,7 @@ class BlurDM(nn.Module):
     def blur_prior(self, blur, eps=None):
         """Z_0^B: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B. `blur` is in [-0.5, 0.5]."""
         z_blur = self.blur_encoder(blur, blur)  # (B, d)
-        z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # the chain: fp32 at least, also under autocast
+        z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # the chain's sums in fp32 at least
         if eps is None:
             eps = torch.randn_like(z_blur)
         x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps.to(z_blur))
@@ -857,16 +861,21 @@ def find_pairs(root):
     A data set on disk -> ({split: [(blurry path or None, sharp path)]}, [problems, one line each]). A blurry image
     under a folder named blur/ (input/) pairs with the file of the same relative path, any suffix, under sharp/
     (target/); HIDE's with the file of its name in GT/; RealBlur's as its list files say (pass the folder or a list).
-    With none of these, the folder holds sharp photographs (blurry None: blurred on the fly). The split is the path's
-    train/ or test/ folder (train if none). Pairs are matched by name, never by sorted position.
+    With none of these, the folder holds sharp photographs (blurry None: blurred on the fly). The split is the nearest
+    train/ or test/ folder above a file (train if none). Pairs are matched by name, never by sorted position.
     """
     root, splits, problems, missing = Path(root), {}, [], []
-    lists = [root.with_name(re.sub("_(train|test)_", f"_{s}_", root.name)) for s in ("train", "test")] \
-        if root.suffix == ".txt" else [root / f"RealBlur_{k}_{s}_list.txt" for k in "JR" for s in ("train", "test")]
     if not (root.is_dir() or (root.suffix == ".txt" and root.is_file())):
-        raise ValueError(f"{root}: " + ("not a folder (nor a RealBlur list file)" if root.exists() else "no such folder"))
-    for split, list_file in zip(("train", "test") * 2, lists):
-        if list_file.is_file() and not any(s == split for s in splits):  # RealBlur-J preferred over -R
+        raise ValueError(f"{root}: " + ("not a folder (nor a RealBlur list file)" if root.exists() else
+                                        "no such folder"))
+    if root.suffix == ".txt":  # one list, and its partner if the name says train or test
+        lists = [root.with_name(re.sub("_(train|test)_", f"_{s}_", root.name)) for s in ("train", "test")] \
+            if re.search("_(train|test)_", root.name) else [root]
+    else:  # RealBlur-J preferred where both kinds are present
+        lists = next(([root / f"RealBlur_{k}_{s}_list.txt" for s in ("train", "test")] for k in "JR"
+                      if any((root / f"RealBlur_{k}_{s}_list.txt").is_file() for s in ("train", "test"))), [])
+    for split, list_file in zip(("train", "test"), lists):
+        if list_file.is_file():
             try:
                 rows = [line.split() for line in list_file.read_text().splitlines() if line.strip()]
             except (OSError, UnicodeDecodeError) as err:
@@ -874,32 +883,43 @@ def find_pairs(root):
             pairs = [(list_file.parent / row[1], list_file.parent / row[0]) for row in rows if len(row) >= 2]
             splits[split] = [(str(b), str(s)) for b, s in pairs if b.is_file() and s.is_file()]
             missing += [str(p) for pair in pairs for p in pair if not p.is_file()]
-    images = {} if splits else {p.relative_to(root).with_suffix("").as_posix(): p for p in list_images(root)}
-    gt = {key.rsplit("/", 1)[-1]: p for key, p in images.items() if "GT" in key.split("/")[:-1]}
-    blurry = [key for key in images if set(key.split("/")[:-1]) & PARTNER.keys()
-              or (gt and "GT" not in key.split("/") and set(key.split("/")[:-1]) & {"train", "test"})]
-    for key in blurry:
+    images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p for p in list_images(root)}
+    folders = lambda key: key.split("/")[:-1]
+    split_of = lambda key: next((f for f in reversed(folders(key)) if f in ("train", "test")), "train")
+    gt = {key.rsplit("/", 1)[-1]: p for key, p in images.items() if "GT" in folders(key)}
+    used = set()
+    for key, path in images.items():
         parts = key.split("/")
         i = max((i for i, part in enumerate(parts[:-1]) if part in PARTNER), default=None)
-        partner = gt.get(parts[-1]) if i is None else images.get("/".join([*parts[:i], PARTNER[parts[i]], *parts[i + 1:]]))
-        split = next((part for part in parts[:-1] if part in ("train", "test")), "train")
-        if partner is None:
-            missing.append(str(images[key]))
+        if i is not None:
+            partner = images.get("/".join([*parts[:i], PARTNER[parts[i]], *parts[i + 1:]]))
+        elif gt and "GT" not in parts and {"train", "test"} & set(folders(key)):
+            partner = gt.get(parts[-1])
         else:
-            splits.setdefault(split, []).append((str(images[key]), str(partner)))
-    paired = {sharp for pairs in splits.values() for _, sharp in pairs}
-    missing += [str(p) for key, p in images.items() if set(key.split("/")[:-1]) & {"sharp", "target"} and str(p) not in paired]
-    if missing:
-        problems.append(f"{root}: {len(missing)} images with no partner ({', '.join(missing[:3])}"
-                        f"{', ...' * (len(missing) > 3)})")
-    lone = next((key for key in images if set(key.split("/")[:-1]) & {"sharp", "target", "GT"}), None)
-    if lone and not blurry:
-        raise ValueError(f"{root}: found {lone} but no blurry partner folder (blur/, input/, or HIDE's train/ and test/)")
-    if images and not blurry:  # sharp photographs, split by train/ and test/ when both are there
-        both = all(any(k.startswith(f"{s}/") for k in images) for s in ("train", "test"))
+            continue
+        used.add(path)
+        if partner is None:
+            missing.append(str(path))
+        else:
+            used.add(partner)
+            splits.setdefault(split_of(key), []).append((str(path), str(partner)))
+    if used:  # a paired data set: say what it leaves out (but GoPro's blur_gamma/ and HIDE's GT/ of another split)
+        unused = {key: str(p) for key, p in images.items() if p not in used
+                  and not {"blur_gamma", "GT"} & set(folders(key))}
+        missing += [p for key, p in unused.items() if {"sharp", "target"} & set(folders(key))]
+        others = [p for key, p in unused.items() if not {"sharp", "target"} & set(folders(key))]
+        if others:
+            problems.append(f"{root}: {len(others)} images outside the paired folders, not used ({others[0]}, ...)")
+    elif images:  # sharp photographs
+        lone = next((key for key in images if {"sharp", "target", "GT"} & set(folders(key))), None)
+        if lone:
+            raise ValueError(f"{root}: found {lone} but no blurry partner folder (blur/, input/, or HIDE's train/ and "
+                             "test/)")
         for key, path in images.items():
-            splits.setdefault(key.split("/")[0] if both and key.split("/")[0] in ("train", "test") else "train",
-                              []).append((None, str(path)))
+            splits.setdefault(split_of(key), []).append((None, str(path)))
+    if missing:
+        problems.insert(0, f"{root}: {len(missing)} images with no partner ({', '.join(missing[:3])}"
+                           f"{', ...' * (len(missing) > 3)})")
     splits = {split: pairs for split, pairs in splits.items() if pairs}
     if not splits:
         raise ValueError(f"{root}: " + (f"no blurry/sharp pairs matched ({problems[0]})" if problems else
@@ -958,28 +978,46 @@ def write_image(image, path, alpha=None):
     if alpha is not None and Path(path).suffix.lower() not in (".jpg", ".jpeg", ".bmp"):
         image = torch.cat([image, alpha.to(image)], 0)
     arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]).save(path)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
 
 
 def has_native_bf16():
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
+    """Whether this CPU computes bf16 natively (x86 AVX-512 BF16 or AMX, Arm's BF16 extension, from Linux's
+    /proc/cpuinfo); elsewhere bf16 is emulated and slower than fp32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
-        return torch.backends.mps.is_available()  # Apple silicon
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def pick_device(name="auto"):
+    """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError if CUDA is absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available to this PyTorch build")
+    return torch.device(name)
 
 
 def autocast(device, amp):
     """
-    The one mapping from --amp to what runs: (context manager, precision name, note or None). bf16 and fp16 on CUDA;
-    bf16 on a CPU that has it natively; fp32 otherwise, with a note saying why.
+    The one mapping from --amp to what runs: (context manager, precision name, note or None). fp16 on CUDA, bf16 on
+    GPUs and CPUs that have it natively; fp32 otherwise, with a note saying why.
     """
     device = torch.device(device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp in dtypes and (device.type == "cuda" or (amp == "bf16" and device.type == "cpu" and has_native_bf16())):
+    native = {"cuda": amp == "fp16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()),
+              "cpu": amp == "bf16" and has_native_bf16()}.get(device.type, False)
+    if amp in dtypes and native:
         return torch.autocast(device.type, dtype=dtypes[amp]), amp, None
-    note = None if amp in (None, "none", "fp32") else \
-        f"--amp {amp} runs in fp32 on {device}: " + ("this CPU has no native bf16 (emulated bf16 is several times "
-                                                     "slower)" if amp == "bf16" else "fp16 is for CUDA")
+    note = None if amp in (None, "none", "fp32") else f"--amp {amp} runs in fp32 on {device}: " + (
+        "fp16 is for CUDA" if amp == "fp16" else f"this {device.type.upper()} has no native bf16 (emulated, it is "
+                                                 "several times slower)")
     return nullcontext(), "fp32", note
+
+
+def out_of_memory(err):
+    """Whether an exception is an allocation failure (of the CPU, CUDA, or Python itself)."""
+    return isinstance(err, MemoryError) or any(s in str(err) for s in ("out of memory", "can't allocate memory"))

@@ -99,11 +99,7 @@ def load_model(ckpt, device_name):
     if ckpt is None and not DEFAULT_CKPT.exists():
         raise ValueError(f"{DEFAULT_CKPT}: the default demo weights are not in this checkout; "
                          "pass --ckpt PATH to a BlurDM checkpoint (train.py writes one)")
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available to this PyTorch build")
-    device = torch.device(device_name)
+    device = blurdm.pick_device(device_name)
     return blurdm.BlurDM.from_checkpoint(ckpt or DEFAULT_CKPT, map_location="cpu").to(device), device
 
 
@@ -131,8 +127,8 @@ def say(message, error=False):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.tile < 0 or args.overlap < 0:
-        parser.error("--tile and --overlap cannot be negative")
+    if args.tile < 0 or args.overlap < 0 or not 0 <= args.seed < 2 ** 63:
+        parser.error("--tile and --overlap cannot be negative, and --seed takes 0 to 2^63 - 1")
     warnings.filterwarnings("ignore", message="Image size .* exceeds limit")  # up to 2x Pillow's limit: --tile copes
     try:
         inputs, problems = find_inputs(args.inputs, args.recursive)
@@ -175,8 +171,8 @@ def main(argv=None):
             failed += 1
             torch.cuda.empty_cache()  # the next image starts from a clean allocator (a no-op without CUDA)
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            memory = isinstance(err, MemoryError) or "memory" in first.lower() or "alloc" in first.lower()
-            say(f"{src}: {first}" + (" (a smaller --tile needs less memory)" if memory else ""), error=True)
+            say(f"{src}: {first}" + (" (a smaller --tile needs less memory)" if blurdm.out_of_memory(err) else ""),
+                error=True)
             continue
         seconds.append(took)
         say(f"{tag} -> {dst} | {rgb.shape[2]}x{rgb.shape[1]} | {took:.2f} s")

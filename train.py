@@ -9,7 +9,8 @@ encoder and the deblurrer, stage 2 the blur encoder and the residual estimators,
     python train.py --data GOPRO_Large/ --eval-only --init out/best.pt   # PSNR / SSIM of the whole test split
 
 Rerun the same command to resume from out/last.pt; Ctrl-C or SIGTERM saves first. Every random draw of a step comes
-from (seed, stage, step), so a resumed run ends with the weights an uninterrupted one ends with.
+from (seed, stage, step), so on the CPU a resumed run ends with the weights an uninterrupted one ends with (CUDA's
+kernels are not deterministic).
 """
 
 import argparse
@@ -19,7 +20,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -63,8 +63,9 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=1000, help="write out/last.pt every N steps")
     p.add_argument("--log-every", type=int, default=50, help="print and log a line every N steps")
     args = p.parse_args(argv)
-    if args.eval_only and not args.init:
-        p.error("--eval-only scores a checkpoint: pass --init CKPT")
+    lo, hi = args.blur_length
+    if (args.eval_only and not args.init) or (args.iters and not any(args.iters)) or lo > hi:
+        p.error("--eval-only needs --init CKPT, --iters at least one stage, and --blur-length LO <= HI")
     for name, value in vars(args).items():  # whole numbers: at least 1 for sizes and periods, 0 for the others
         if type(value) is int and not int(name in ("batch", "crop", "save_every", "log_every")) <= value < 2 ** 63:
             p.error(f"--{name.replace('_', '-')} {value}: out of range")
@@ -75,27 +76,25 @@ def main(argv=None):
     args = parse_args(argv)
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                              ("WORLD_SIZE", 1)))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    device = blurdm.pick_device(args.device)
+    use_cuda = device.type == "cuda"
     if "RANK" in os.environ:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
+        device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     say = print if rank == 0 else (lambda *a, **k: None)
-    given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed)
-    given = {k: v for k, v in given.items() if v is not None}
-    cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior, **given)
+    given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed).items()
+    cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior, **{k: v for k, v in given if v is not None})
     if cfg.crop % 4 or cfg.batch_size % world_size:
         raise ValueError(f"--crop must be a multiple of 4, and --batch divide over the {world_size} processes")
     if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
         say(f"note: --preset {args.preset} is sized for GPUs: on this CPU an epoch takes hours, and batch 20 of "
             "256px crops needs more memory than most machines have; --preset demo is sized for CPUs")
     autocast, _, note = blurdm.autocast(device, args.amp)
-    if note:
-        say(f"note: {note}")
+    for line in [note] * bool(note) + ["--compile is for CUDA; ignored"] * (args.compile and not use_cuda):
+        say(f"note: {line}")
     splits, problems = blurdm.find_pairs(args.data)
     load_pair.cache_clear()  # files may have changed since an earlier run in this process
     say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
@@ -110,7 +109,7 @@ def main(argv=None):
         raise ValueError(f"{args.data}: no training split (only {', '.join(splits)}); score models on it with "
                          "--eval-only")
     pairs, val_pairs = splits["train"], splits.get("test", [])
-    if not val_pairs and args.val_count:  # no test split: hold out evenly spaced pairs, a tenth at most
+    if not val_pairs and args.val_count:  # no test split: hold out evenly spaced pairs, about a tenth
         val_pairs = pairs[::math.ceil(len(pairs) / max(1, min(args.val_count, len(pairs) // 10)))]
         pairs = [p for p in pairs if p not in val_pairs] or pairs  # a single pair is trained on and validated
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []  # evenly spaced
@@ -124,8 +123,7 @@ def main(argv=None):
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # 1.16x on the CPU
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run of a command
     model = blurdm.BlurDM(cfg).to(device, memory_format=memory_format)
-    stages, state = where_to_start(model, args, out, run, say)
-    best = {"psnr": state.get("best_psnr") if state else None}  # best.pt: the best validation of stages 2-3
+    stages, state, best = where_to_start(model, args, out, run, say)  # best: of stages 2-3, kept in best.pt
     if world_size > 1 and device.type == "cuda":  # SE's BatchNorm sees the global batch, as on one GPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     stop = {}  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C aborts at once
@@ -144,7 +142,7 @@ def main(argv=None):
                             num_workers=args.workers if args.workers is not None else 4 * (device.type == "cuda"))
         if train_stage(model, stage, loader, state, args, run, out, device, memory_format, autocast, rank,
                        world_size, stop, val_images, best, say):
-            return 128 + stop["signal"]
+            return 128 + stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal of their own
         state = None
     say(f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {out / 'best.pt' if best['psnr'] else out / 'last.pt'}")
     return 0
@@ -166,7 +164,7 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
     parts = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
     say(f"stage {stage} ({parts if cfg.prior else 'no prior'}): steps {step}..{total}, batch {cfg.batch_size} of "
         f"{cfg.crop}px crops, lr {cfg.lr:g} -> {cfg.lr_min:g}")
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    log = open(out / "log.jsonl", "a") if rank == 0 else None  # closed when the process ends
 
     def save(name):
         if rank == 0:
@@ -228,13 +226,14 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
 
 
 def where_to_start(model, args, out, run, say):
-    """The stages to run, and the state to resume (or None): out/last.pt if this run wrote it, else --init."""
+    """The stages to run, the state to resume (or None) and the best validation so far: out/last.pt if this run
+    wrote it, else --init."""
     stages, last = [s for s in (1, 2, 3) if run["stage_steps"][s - 1]], out / "last.pt"
     if last.exists():
         state = blurdm.load_checkpoint(last)
         differing = [k for k in run if state.get("run", {}).get(k) != run[k]]
         if differing:
-            detail = ", ".join(f"{k} {state['run'].get(k)} vs {run[k]}" for k in differing)
+            detail = ", ".join(f"{k} {state.get('run', {}).get(k)} vs {run[k]}" for k in differing)
             raise ValueError(f"{last}: saved by a run with other settings ({detail}); rerun its command to resume, "
                              "or pass another --out")
         model.load_weights(state, last)
@@ -243,13 +242,13 @@ def where_to_start(model, args, out, run, say):
         say(f"{last}: " + (f"resuming stage {state['stage']} at step {state['step']}" if not finished else
                            f"stage {state['stage']} finished; " + (f"next: stage {stages[0]}" if stages else
                                                                   "nothing left to do")))
-        return stages, None if finished else state
+        return stages, None if finished else state, {"psnr": state.get("best_psnr")}
     if stages and stages[0] > 1 and not args.init:
         raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
     if args.init:
         model.load_weights(blurdm.load_checkpoint(args.init), args.init)
         say(f"stage {stages[0]} starts from the weights of {args.init}")
-    return stages, None
+    return stages, None, {"psnr": None}
 
 
 def evaluate(model, images, device, stage=3, tile=2048):
@@ -267,7 +266,7 @@ def evaluate(model, images, device, stage=3, tile=2048):
 def evaluate_test_split(args, splits, device, autocast, say):
     """--eval-only: score --init on every pair of the test split (or of the only split), whole images."""
     model = blurdm.BlurDM.from_checkpoint(args.init).float().to(device)
-    split, rows = "test" if "test" in splits else next(iter(splits)), []
+    split, rows = "test" if "test" in splits else next(iter(splits)), []  # the only split, when there is no test/
     with autocast:
         for name, blur, sharp in validation_images(splits[split], 0, model.cfg.seed, args.blur_length, say):
             (psnr, ssim), = evaluate(model, [(name, blur, sharp)], device)
@@ -277,9 +276,8 @@ def evaluate_test_split(args, splits, device, autocast, say):
         raise ValueError(f"{args.data}: no {split} pair could be read")
     with blurdm.atomic_path(Path(args.out) / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("input", "psnr_db", "ssim"), *rows])
-    say(f"mean over {len(rows)} {split} images: PSNR {np.mean([float(r[1]) for r in rows]):.2f} dB | SSIM "
-        f"{np.mean([float(r[2]) for r in rows]):.4f} (PSNR: RGB uint8, whole image; SSIM: {blurdm.SSIM_RECIPE}); "
-        f"per image: {Path(args.out) / 'scores.csv'}")
+    say(f"mean of {len(rows)}: PSNR {np.mean([float(r[1]) for r in rows]):.2f} dB (uint8 RGB, whole image) | SSIM "
+        f"{np.mean([float(r[2]) for r in rows]):.4f} ({blurdm.SSIM_RECIPE}) | {Path(args.out) / 'scores.csv'}")
     return 1 if len(rows) < len(splits[split]) else 0  # a test image could not be read
 
 
@@ -357,7 +355,8 @@ def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a see
 
 
 def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
-    [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def numbers(kind, count, least):
@@ -378,18 +377,19 @@ def cli(argv=None):
     """The entry point: one `error:` line and exit code 1 for what a user can fix; worker processes never outlive it."""
     try:
         return main(argv)
-    except ValueError as err:  # data, checkpoints, settings: the message names the file or the option
-        message = str(err)
+    except (ValueError, OSError) as err:  # data, checkpoints, settings, files: the message names the file or option
+        message = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's: its last line
     except (MemoryError, RuntimeError) as err:
-        if not isinstance(err, MemoryError) and not re.search(r"out of memory|can't allocate|alloc", str(err)):
+        if not blurdm.out_of_memory(err):
             raise
         first = (str(err).splitlines() or ["MemoryError"])[0][:100]
         message = f"out of memory ({first}); a smaller --batch or --crop needs less"
     except KeyboardInterrupt:
         return 130
-    finally:
-        for child in multiprocessing.active_children():  # DataLoader workers ignore SIGTERM: without this, the exit
-            child.kill()                                  # handler would wait on them forever after an exception
+    finally:  # DataLoader workers ignore SIGTERM: without this, the exit handler would wait on them forever after an
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # exception; and their end is expected, not an error to report
+        for child in multiprocessing.active_children():
+            child.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
     print(f"train.py: error: {message}", file=sys.stderr, flush=True)

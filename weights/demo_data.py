@@ -3,14 +3,19 @@ The data behind the demo weights, rebuilt from Debian's wallpaper packages (no d
 
     apt-get install -y --no-install-recommends plasma-workspace-wallpapers mate-backgrounds lomiri-wallpapers-16.04 \
         lxqt-themes
-    python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout/{blur,sharp}
+    python weights/demo_data.py                      # -> data/photos/{train,test}, data/heldout*/{blur,sharp}
+    python weights/demo_data.py --ship runs/demo/last.pt   # -> weights/blurdm-demo.pt: its weights in fp16
     python weights/demo_data.py --example            # -> assets/example_blurry.png from assets/example_sharp.png
     python weights/demo_data.py --figure             # -> assets/figure.jpg: blurry | deblurred | sharp
+    python weights/demo_data.py --history            # -> weights/history.png from weights/history.csv
 
 Each photograph (the largest copy of it) is halved, most to about 1280 px wide. Seven are held out (data/photos/test),
-and each of those also gets one fixed synthetic blur (data/heldout/blur) for the model card's scores. The blurry
-inputs' own PSNR / SSIM are printed at the end.
+and each of those also gets one fixed synthetic blur (data/heldout: blur/ and sharp/) for the model card's scores;
+data/heldout-sharp pairs each held-out photograph with itself, to score what the model does to a sharp input. The
+blurry inputs' own PSNR / SSIM are printed at the end.
 """
+
+import csv
 
 import argparse
 import sys
@@ -81,9 +86,10 @@ def main(out=Path("data")):
     for seed, name in enumerate(HELD_OUT):
         sharp = blurdm.read_image(out / "photos" / "test" / f"{name}.png")
         blurry = blurdm.synthesize_blur(sharp, generator=torch.Generator().manual_seed(seed))
-        for folder, image in (("sharp", sharp), ("blur", blurry)):
-            (out / "heldout" / folder).mkdir(parents=True, exist_ok=True)
-            blurdm.write_image(image, out / "heldout" / folder / f"{name}.png")
+        for folder, image in (("heldout/sharp", sharp), ("heldout/blur", blurry), ("heldout-sharp/sharp", sharp),
+                              ("heldout-sharp/blur", sharp)):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            blurdm.write_image(image, out / folder / f"{name}.png")
         psnrs.append(blurdm.psnr(*scored(blurry, sharp)))
         ssims.append(blurdm.ssim(*scored(blurry, sharp)))
         print(f"{name}: blurry input PSNR {psnrs[-1]:.2f} dB, SSIM {ssims[-1]:.4f}")
@@ -117,15 +123,55 @@ def figure(weights=ROOT / "weights" / "blurdm-demo.pt"):
           f"(blurry {blurdm.psnr(*scored(blurry, sharp)):.2f} dB)")
 
 
+def ship(state, weights=ROOT / "weights" / "blurdm-demo.pt"):
+    """The shipped weights: a training checkpoint's config and weights, in fp16 (half the bytes, same scores)."""
+    model = blurdm.BlurDM.from_checkpoint(state)
+    model.half().save(weights)
+    print(f"{weights}: the weights of {state} in fp16")
+
+
+def history(table=ROOT / "weights" / "history.csv", size=(720, 360), margin=50):
+    """The model card's training history as a plot: PSNR gain on blurred and PSNR on sharp inputs, by iteration."""
+    from PIL import ImageDraw
+
+    rows = list(csv.DictReader(open(table)))
+    x = [float(r["iterations"]) for r in rows]
+    series = {"gain on blurred (dB)": ([float(r["model_psnr"]) - float(r["blurry_psnr"]) for r in rows], (200, 40, 40)),
+              "sharp in: PSNR - 35 dB": ([float(r["sharp_psnr"]) - 35 for r in rows], (40, 90, 200))}
+    lo = min(0.0, *(v for values, _ in series.values() for v in values))
+    hi = max(3.5, *(v for values, _ in series.values() for v in values))
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    W, H = size[0] - 2 * margin, size[1] - 2 * margin
+    point = lambda i, v: (margin + W * (x[i] - x[0]) / max(x[-1] - x[0], 1), margin + H * (hi - v) / (hi - lo))
+    for level in range(int(lo), int(hi) + 1):  # a grid line a dB; the done-when line at +3 dB is darker
+        y = point(0, level)[1]
+        draw.line([(margin, y), (margin + W, y)], fill=(120, 120, 120) if level == 3 else (225, 225, 225))
+        draw.text((8, y - 6), f"{level:+d}", fill="black")
+    for k, (name, (values, colour)) in enumerate(series.items()):
+        draw.line([point(i, v) for i, v in enumerate(values)] if len(values) > 1 else [point(0, values[0])] * 2,
+                  fill=colour, width=3)
+        draw.text((margin + 10, 10 + 14 * k), name, fill=colour)
+    draw.text((margin, size[1] - margin + 10), f"iterations {x[0]:,.0f} .. {x[-1]:,.0f}", fill="black")
+    canvas.save(table.with_suffix(".png"))
+    print(f"{table.with_suffix('.png')}: {len(rows)} parts")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = parser.add_mutually_exclusive_group()
+    what.add_argument("--ship", metavar="CKPT", help="write weights/blurdm-demo.pt from a training checkpoint")
     what.add_argument("--example", action="store_true", help="rebuild assets/example_blurry.png")
     what.add_argument("--figure", action="store_true", help="rebuild assets/figure.jpg with the demo weights")
+    what.add_argument("--history", action="store_true", help="plot weights/history.csv as weights/history.png")
     args = parser.parse_args()
-    if args.example:
+    if args.ship:
+        ship(args.ship)
+    elif args.example:
         example()
     elif args.figure:
         figure()
+    elif args.history:
+        history()
     else:
         main()
