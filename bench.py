@@ -12,7 +12,6 @@ It is a benchmark, not a test: numbers depend on the machine and on whatever els
 """
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -62,14 +61,16 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def autocast():
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        return torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
+    amp_context, precision, note = blurdm.autocast(device, amp)  # fp32 where --amp cannot run natively
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    autocast = lambda: amp_context
 
     with autocast():
         total = timed(lambda: model.deblur(x), device, repeat)
         prior = timed(lambda: model.prior_for(x), device, repeat) if model.cfg.prior else 0.0
-    row = dict(preset=preset, size=f"{W}x{H}", device=str(device), params_M=sum(p.numel() for p in model.parameters()) / 1e6,
+    row = dict(preset=preset, size=f"{W}x{H}", device=str(device), precision=precision,
+               params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                seconds=total, megapixels_per_s=H * W / 1e6 / total, prior_share=prior / total)
     if device.type == "cuda":
         row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -139,7 +140,7 @@ def main():
             r = rows[-1]
             train_text = f"{r['train_megapixels_per_s']:.3f} MP/s, {r['train_step_s']:.2f} s a step of " \
                 f"{r['train_batch']} (data {r['train_data_s']:.2f} s)" if "train_step_s" in r else "-"
-            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['params_M']:7.2f} M params | "
+            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['precision']:4s} {r['params_M']:7.2f} M params | "
                   f"{r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior {100 * r['prior_share']:4.1f} % | "
                   f"peak {r['peak_MiB']:7.0f} MiB | training {train_text}", flush=True)
     with open(args.json, "w") as f:

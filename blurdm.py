@@ -25,13 +25,13 @@ Time steps run t = 1..T as in the paper. Every schedule tensor has length T + 1 
 
 Sections, in reading order:
     1. Config                BlurDMConfig and its presets
-    2. Blur formation        camera shake -> exposure sequence B_0..B_T, synthetic training pairs   (METHOD.md §1)
-    3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop                  (§2-3)
-    4. Latent prior          encoder, residual estimators, prior fusion module                      (§4)
+    2. Blur formation        camera shake -> exposures B_0..B_T; synthetic training pairs (METHOD.md §1, §7)
+    3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop        (§2-3)
+    4. Latent prior          encoders, residual estimators, prior fusion module           (§4)
     5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level
-    6. The full model        BlurDM: any deblurrer, the three training stages, losses, deblur()   (§5)
-    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                            (§6)
-    8. Files                 checkpoints, images, folders, precision
+    6. The full model        BlurDM on any deblurrer: stages, losses, deblur() in tiles   (§5)
+    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                  (§6)
+    8. Files                 checkpoints, images, data sets on disk, device and precision
 
 METHOD.md, beside this file, derives the equations the code cites.
 """
@@ -165,7 +165,7 @@ def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120
     The sharp image is the time centre of the exposure (the middle sub-frame when N is odd: GoPro's convention).
     Constant speed is what makes that target learnable: the time centre is then the middle of the streak the blurred
     image shows. Under a speed that varies (a shaky random walk) it is not: a sharp image moved to the streak's
-    centroid scores no better than the blurry input, and a network can only learn to hedge (README, model card).
+    centroid scores no better than the blurry input, and a network can only learn to hedge (METHOD.md §7).
     """
     n, g = num_subframes, generator
     f64 = dict(generator=g, dtype=torch.float64)
@@ -300,7 +300,8 @@ class BlurDiffusion(nn.Module):
         return B_t + self.beta_bar[t] * eps
 
     def p_sample(self, x_t, t, e_hat, eps_hat):
-        """One reverse step (§3): I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t. No fresh noise."""
+        """One reverse step (§3), deterministic:
+        I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t."""
         a, bb = self.alpha, self.beta_bar
         return (a[t] * x_t - e_hat) / a[t - 1] - (a[t] * bb[t] / a[t - 1] - bb[t - 1]) * eps_hat
 
