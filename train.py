@@ -119,7 +119,7 @@ def main(argv=None):
             f"{np.mean([blurdm.psnr(b, s) for _, b, s in val_images]):.2f} dB")
     stage_steps = args.iters or [math.ceil(e * len(pairs) / cfg.batch_size) for e in cfg.stage_epochs]
     run = dict(crop=cfg.crop, batch_size=cfg.batch_size, lr=cfg.lr, lr_min=cfg.lr_min, seed=cfg.seed,
-               stage_steps=stage_steps, data=str(args.data), blur_length=list(args.blur_length))
+               stage_steps=stage_steps, data=str(Path(args.data)), blur_length=list(args.blur_length))
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # 1.16x on the CPU
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run of a command
     model = blurdm.BlurDM(cfg).to(device, memory_format=memory_format)
