@@ -15,9 +15,9 @@ data/heldout-sharp pairs each held-out photograph with itself, to score what the
 blurry inputs' own PSNR / SSIM are printed at the end.
 """
 
-import csv
-
 import argparse
+import csv
+import math
 import sys
 from pathlib import Path
 
@@ -144,13 +144,17 @@ def history(table=ROOT / "weights" / "history.csv", size=(720, 360), margin=50):
     draw = ImageDraw.Draw(canvas)
     W, H = size[0] - 2 * margin, size[1] - 2 * margin
     point = lambda i, v: (margin + W * (x[i] - x[0]) / max(x[-1] - x[0], 1), margin + H * (hi - v) / (hi - lo))
-    for level in range(int(lo), int(hi) + 1):  # a grid line a dB; the done-when line at +3 dB is darker
+    for level in range(math.floor(lo), math.ceil(hi) + 1):  # a grid line a dB; +3 (both targets) darker
         y = point(0, level)[1]
         draw.line([(margin, y), (margin + W, y)], fill=(120, 120, 120) if level == 3 else (225, 225, 225))
         draw.text((8, y - 6), f"{level:+d}", fill="black")
+    draw.text((margin + W - 200, point(0, 3)[1] - 14), "targets: +3 dB gain, 38 dB sharp", fill=(90, 90, 90))
     for k, (name, (values, colour)) in enumerate(series.items()):
-        draw.line([point(i, v) for i, v in enumerate(values)] if len(values) > 1 else [point(0, values[0])] * 2,
-                  fill=colour, width=3)
+        points = [point(i, v) for i, v in enumerate(values)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=3)
+        for x0, y0 in points:
+            draw.ellipse((x0 - 4, y0 - 4, x0 + 4, y0 + 4), fill=colour)
         draw.text((margin + 10, 10 + 14 * k), name, fill=colour)
     draw.text((margin, size[1] - margin + 10), f"iterations {x[0]:,.0f} .. {x[-1]:,.0f}", fill="black")
     canvas.save(table.with_suffix(".png"))
