@@ -12,6 +12,7 @@ It is a benchmark, not a test: numbers depend on the machine and on whatever els
 """
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -81,7 +82,7 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
         model = model.to(memory_format=memory_format)
         dataset = train.PairDataset([(None, str(PHOTO))], cfg.crop, (0.0, 30.0), cfg.seed)
         optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
-        steps, data_time = iter(range(10 ** 9)), []
+        steps, data_time = itertools.count(), []
 
         def step():
             t0 = time.perf_counter()
