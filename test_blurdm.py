@@ -7,6 +7,7 @@ Run: python -m pytest -q test_blurdm.py
 """
 
 import csv
+import gc
 import json
 import math
 import os
@@ -1012,6 +1013,9 @@ def test_train_a_crash_with_data_workers_running_exits_at_once_with_one_line(tmp
         png.write_bytes(b"garbage")
     assert _train(["--data", data, "--out", tmp_path / "w", *_FAST, "--workers", "2", "--iters", "5"]) == 1
     assert "none of the 6 training pairs can be used" in _error_line(capsys.readouterr().err)
+    # its DataLoader was shut down before its workers were killed, not left to a later garbage collection (which
+    # could wait for ever on a lock a killed worker held)
+    assert not [o for o in gc.get_objects() if type(o) is torch.utils.data.dataloader._MultiProcessingDataLoaderIter]
 
 
 def test_train_the_paper_preset_on_a_cpu_says_which_preset_fits(tmp_path, capsys):

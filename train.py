@@ -8,9 +8,8 @@ encoder and the deblurrer, stage 2 the blur encoder and the residual estimators,
     torchrun --nproc_per_node=4 train.py --data GOPRO_Large/  # DistributedDataParallel, one process a GPU
     python train.py --data GOPRO_Large/ --eval-only --init out/best.pt   # PSNR / SSIM of the whole test split
 
-Rerun the same command to resume from out/last.pt; Ctrl-C or SIGTERM saves first. Every random draw of a step comes
-from (seed, stage, step), so on the CPU a resumed run ends with the weights an uninterrupted one ends with (CUDA's
-kernels are not deterministic).
+Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first). A step's random draws come from
+(seed, stage, step), so on the CPU a resumed run ends bit-identical to an uninterrupted one (CUDA is not deterministic).
 """
 
 import argparse
@@ -23,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on CPUs: it slows the training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast on CUDA, bf16 on CPUs with native bf16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
     p.add_argument("--val-every", type=int, default=5000, help="validate every N steps (0: at stage ends only)")
     p.add_argument("--val-count", type=int, default=100, help="at most this many validation images")
     p.add_argument("--val-crop", type=int, default=512, help="validation centre crop (0: whole images)")
@@ -93,8 +93,8 @@ def main(argv=None):
         say(f"note: --preset {args.preset} is sized for GPUs: on this CPU an epoch takes hours, and batch 20 of "
             "256px crops needs more memory than most machines have; --preset demo is sized for CPUs")
     autocast, _, note = blurdm.autocast(device, args.amp)
-    for line in [note] * bool(note) + ["--compile is for CUDA; ignored"] * (args.compile and not use_cuda):
-        say(f"note: {line}")
+    if note:
+        say(f"note: {note}")
     splits, problems = blurdm.find_pairs(args.data)
     load_pair.cache_clear()  # files may have changed since an earlier run in this process
     say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
@@ -159,7 +159,7 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
     step = state["step"] if state else 0
     for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")) if state else ():
         part.load_state_dict(state[name])
-    forward = torch.compile(model) if args.compile and device.type == "cuda" else model
+    forward = torch.compile(model) if args.compile else model
     forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else forward
     parts = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
     say(f"stage {stage} ({parts if cfg.prior else 'no prior'}): steps {step}..{total}, batch {cfg.batch_size} of "
@@ -212,8 +212,7 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
                 save("best.pt")
         if step % args.save_every == 0 or step == total or stopping:
             if not all(torch.isfinite(p).all() for p in parameters):
-                raise ValueError(f"non-finite weights at stage {stage} step {step}; stopped, the last checkpoint is "
-                                 "kept")
+                raise ValueError(f"weights not finite at stage {stage} step {step}; stopped, last checkpoint kept")
             save("last.pt")
             if step == total:
                 save(f"stage{stage}.pt")
@@ -239,9 +238,9 @@ def where_to_start(model, args, out, run, say):
         model.load_weights(state, last)
         finished = state["step"] >= run["stage_steps"][state["stage"] - 1]
         stages = [s for s in stages if s > state["stage"] or (s == state["stage"] and not finished)]
-        say(f"{last}: " + (f"resuming stage {state['stage']} at step {state['step']}" if not finished else
-                           f"stage {state['stage']} finished; " + (f"next: stage {stages[0]}" if stages else
-                                                                  "nothing left to do")))
+        then = f"next: stage {stages[0]}" if stages else "nothing left to do"
+        say(f"{last}: stage {state['stage']} finished; {then}" if finished else
+            f"{last}: resuming stage {state['stage']} at step {state['step']}")
         return stages, None if finished else state, {"psnr": state.get("best_psnr")}
     if stages and stages[0] > 1 and not args.init:
         raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
@@ -323,9 +322,8 @@ class PairDataset(Dataset):
         else:
             blur, sharp = blur[:, top:top + c, left:left + c].float() / 255, sharp[:, top:top + c, left:left + c]
         pair = torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
-        flip_h, flip_v = (torch.rand(2, generator=g) < 0.5).tolist()
-        pair = torch.rot90(pair.flip(-1) if flip_h else pair, torch.randint(4, (), generator=g).item(), (-2, -1))
-        pair = pair.flip(-2) if flip_v else pair
+        flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
+        pair = torch.rot90(pair.flip(-1) if flip else pair, turns, (-2, -1))  # one of the square's 8 symmetries
         return pair[0].contiguous(), pair[1].contiguous()
 
 
@@ -377,17 +375,19 @@ def cli(argv=None):
     """The entry point: one `error:` line and exit code 1 for what a user can fix; worker processes never outlive it."""
     try:
         return main(argv)
-    except (ValueError, OSError) as err:  # data, checkpoints, settings, files: the message names the file or option
-        message = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's: its last line
-    except (MemoryError, RuntimeError) as err:
-        if not blurdm.out_of_memory(err):
+    except BaseException as err:  # the frames free the DataLoader they hold: its workers are told to stop and do
+        traceback.clear_frames(err.__traceback__)
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        if isinstance(err, (ValueError, OSError)):  # data, checkpoints, settings, files: the message names the file
+            message = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's: its last line
+        elif isinstance(err, (MemoryError, RuntimeError)) and blurdm.out_of_memory(err):
+            first = (str(err).splitlines() or ["MemoryError"])[0][:100]
+            message = f"out of memory ({first}); a smaller --batch or --crop needs less"
+        else:
             raise
-        first = (str(err).splitlines() or ["MemoryError"])[0][:100]
-        message = f"out of memory ({first}); a smaller --batch or --crop needs less"
-    except KeyboardInterrupt:
-        return 130
-    finally:  # DataLoader workers ignore SIGTERM: without this, the exit handler would wait on them forever after an
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # exception; and their end is expected, not an error to report
+    finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it (and its end is
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # expected, not an error to report)
         for child in multiprocessing.active_children():
             child.kill()
         if dist.is_initialized():
