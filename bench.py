@@ -2,10 +2,12 @@
 Benchmark BlurDM presets: inference time and throughput, the share of time spent in the prior (blur encoder + the
 T reverse steps) against the deblurrer, peak memory, and training throughput: pixels a second of stage-3 training
 at the preset's batch and crop, data included (crops of the shipped example photograph, blurred on the fly as
-train.py does for photographs, in the training process as train.py does on the CPU).
+train.py does for photographs, in the training process as train.py does on the CPU; with --reuse, the mean of
+whole cycles of a render and its reuses).
 
     python bench.py                                  # every preset at 256x256 and 1280x720, on the best device
     python bench.py --presets demo tiny --sizes 1280x720 --device cpu --json bench.json
+    python bench.py --presets demo --sizes 256x256 --amp bf16 --reuse 4   # the demo weights' training recipe
 
 Each case runs in a fresh process so that its peak memory (max RSS on CPU, max allocated on CUDA) is its own.
 It is a benchmark, not a test: numbers depend on the machine and on whatever else runs on it.
@@ -47,7 +49,7 @@ def timed(fn, device, repeat):
     return min(times)
 
 
-def run_case(preset, size, device, repeat, train_step, compile_model, channels_last, amp):
+def run_case(preset, size, device, repeat, train_step, compile_model, channels_last, amp, reuse):
     """Measure one (preset, size) in this process; returns a dict."""
     device = torch.device(device)
     H, W = size
@@ -80,7 +82,7 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
     if train_step:
         cfg, memory_format = model.cfg, torch.channels_last if device.type == "cpu" else torch.contiguous_format
         model = model.to(memory_format=memory_format)
-        dataset = train.PairDataset([(None, str(PHOTO))], cfg.crop, (0.0, 30.0), cfg.seed)
+        dataset = train.PairDataset([(None, str(PHOTO))], cfg.crop, (0.0, 30.0), cfg.seed, reuse)
         optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
         steps, data_time = itertools.count(), []
 
@@ -96,10 +98,19 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
             loss.backward()
             optimizer.step()
 
-        row["train_step_s"] = timed(step, device, max(2, repeat))
-        row["train_data_s"] = min(data_time[1:])
+        for _ in range(reuse):  # warm-up: one cycle, then the mean of whole cycles (a render every `reuse` steps)
+            step()
+        data_time.clear()
+        n = max(2, repeat) * reuse
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        row["train_step_s"] = (time.perf_counter() - t0) / n
+        row["train_data_s"] = sum(data_time) / n
         row["train_megapixels_per_s"] = cfg.batch_size * cfg.crop ** 2 / 1e6 / row["train_step_s"]
-        row["train_batch"] = f"{cfg.batch_size}x{cfg.crop}x{cfg.crop}"
+        row["train_batch"] = f"{cfg.batch_size}x{cfg.crop}x{cfg.crop}" + (f" reuse {reuse}" if reuse > 1 else "")
     return row
 
 
@@ -114,6 +125,7 @@ def main():
     parser.add_argument("--channels-last", action="store_true", help="convert the weights too (deblur() already "
                         "runs its CPU input in channels_last)")
     parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast inference and the training step")
+    parser.add_argument("--reuse", type=int, default=1, help="train.py --reuse: steps a rendered crop serves")
     parser.add_argument("--json", default="bench.json", help="where to write the table")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
     args = parser.parse_args()
@@ -121,7 +133,8 @@ def main():
     if args.case:
         preset, size, train = args.case.split(":")
         W, H = map(int, size.split("x"))
-        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last, args.amp)
+        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last, args.amp,
+                       args.reuse)
         print(json.dumps(row))
         return
 
@@ -129,24 +142,27 @@ def main():
     for preset in args.presets:
         for i, size in enumerate(args.sizes):
             train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
-            cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device,
-                   "--repeat", str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
-            cmd += ["--amp", args.amp] if args.amp else []
+            cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device, "--repeat",
+                   str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
+            cmd += (["--amp", args.amp] if args.amp else []) + ["--reuse", str(args.reuse)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:  # a case killed for memory leaves no message: say so
-                why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
+                lines = done.stderr.strip().splitlines()
+                why = (lines or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
                 print(f"{preset} {size}: failed: {why}", file=sys.stderr)
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             train_text = f"{r['train_megapixels_per_s']:.3f} MP/s, {r['train_step_s']:.2f} s a step of " \
                 f"{r['train_batch']} (data {r['train_data_s']:.2f} s)" if "train_step_s" in r else "-"
-            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['precision']:4s} {r['params_M']:7.2f} M params | "
-                  f"{r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior {100 * r['prior_share']:4.1f} % | "
-                  f"peak {r['peak_MiB']:7.0f} MiB | training {train_text}", flush=True)
+            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['precision']:4s} {r['params_M']:7.2f} M "
+                  f"params | {r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior "
+                  f"{100 * r['prior_share']:4.1f} % | peak {r['peak_MiB']:7.0f} MiB | training {train_text}",
+                  flush=True)
     with open(args.json, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
-                   "channels_last": args.channels_last, "amp": args.amp, "rows": rows}, f, indent=1)
+                   "channels_last": args.channels_last, "amp": args.amp, "reuse": args.reuse, "rows": rows}, f,
+                  indent=1)
     print(f"wrote {args.json}")
 
 

@@ -831,6 +831,24 @@ def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded_by_the_s
     assert len(seen) > 6  # crops, flips and turns vary with the step
 
 
+def test_train_reuse_serves_one_rendered_crop_for_that_many_steps_each_time_turned_or_flipped(tmp_path):
+    _png(tmp_path / "photo.png", 3, size=(96, 96))
+    pairs = [(None, str(tmp_path / "photo.png"))]
+    dataset = train.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)
+
+    def symmetries(x):  # the 8 turns and flips of a square image
+        return [torch.rot90(f, r, (-2, -1)) for f in (x, x.flip(-1)) for r in range(4)]
+
+    samples = {step: dataset[(3, step, 0)] for step in range(8)}
+    for group in (range(4), range(4, 8)):
+        first = symmetries(torch.stack(samples[group[0]]))
+        assert all(any(torch.equal(torch.stack(samples[s]), f) for f in first) for s in group)  # the same crop
+        assert not all(torch.equal(torch.stack(samples[s]), torch.stack(samples[group[0]])) for s in group)  # turned
+    assert not any(torch.equal(torch.stack(samples[4]), f) for f in symmetries(torch.stack(samples[0])))  # a new one
+    fresh = train.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)  # a resumed run, mid-group: the same samples
+    assert all(torch.equal(a, b) for a, b in zip(fresh[(3, 6, 0)], samples[6]))
+
+
 def test_train_photographs_get_a_synthetic_blur_of_the_same_crop_as_long_as_blur_length_says(tmp_path):
     _png(tmp_path / "photo.png", 3, size=(96, 96))
     pairs, change = [(None, str(tmp_path / "photo.png"))], {}
@@ -864,7 +882,8 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
     restored = blurdm.BlurDM.from_checkpoint(out / "best.pt").deblur(torch.rand(1, 3, 37, 53))  # as sample.py loads it
     assert restored.shape == (1, 3, 37, 53) and torch.isfinite(restored).all()
     assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
-    assert "stage 3 finished; nothing left to do" in capsys.readouterr().out  # rerun: nothing left
+    rerun = capsys.readouterr().out
+    assert "stage 3 finished" in rerun and "stage 3 (" not in rerun and "done." in rerun  # rerun: nothing left
 
 
 def test_train_later_stages_start_from_init_and_no_prior_trains_the_baseline(tmp_path, capsys):
@@ -932,7 +951,10 @@ def test_train_two_gloo_processes_agree_with_one_process_on_the_same_global_batc
     assert len(losses(_log(tmp_path / "ddp"))) == 9
     np.testing.assert_allclose(losses(_log(tmp_path / "ddp")), losses(_log(tmp_path / "one")), rtol=1e-5)
     a, b = _weights(tmp_path / "ddp" / "last.pt"), _weights(tmp_path / "one" / "last.pt")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # 3e-6 measured after 9 steps of lr 1e-3
+    # Adam moves a weight whose gradient is near zero by about ±lr whatever its size, so one rounding difference there
+    # can show (up to 3e-5 measured, after 9 steps of lr 1e-3); the mean says whether the runs agree (1e-8 measured)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.mean() < 1e-7 and diff.max() < 1e-4
 
 
 def test_train_eval_only_scores_every_test_image_as_the_tables_do(tmp_path, capsys, tiny):

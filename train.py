@@ -4,12 +4,10 @@ encoder and the deblurrer, stage 2 the blur encoder and the residual estimators,
 
     python train.py --data GOPRO_Large/                       # the paper's recipe (MIMO-UNet+, 3000/500/3000 epochs)
     python train.py --data photos/ --preset demo --iters 2000,300,1700   # sharp photographs, blurred on the fly
-    python train.py --data GOPRO_Large/ --no-prior            # the baseline: the backbone alone, same budget
     torchrun --nproc_per_node=4 train.py --data GOPRO_Large/  # DistributedDataParallel, one process a GPU
     python train.py --data GOPRO_Large/ --eval-only --init out/best.pt   # PSNR / SSIM of the whole test split
 
-Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first). A step's random draws come from
-(seed, stage, step), so on the CPU a resumed run ends bit-identical to an uninterrupted one (CUDA is not deterministic).
+Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first): on a CPU, bit-identically.
 """
 
 import argparse
@@ -43,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--no-prior", action="store_true", help="the baseline backbone alone (ablation)")
     p.add_argument("--init", help="weights the first stage starts from (or that --eval-only scores)")
     p.add_argument("--eval-only", action="store_true", help="score --init on the whole test split; writes scores.csv")
-    p.add_argument("--iters", type=numbers(int, 3, 0), help="iterations per stage, a,b,c (default: the preset's "
+    p.add_argument("--iters", type=numbers(int, 3, 0), help="iterations per stage a,b,c (default: the preset's "
                    "epochs); 0 skips a stage: 0,0,N --init CKPT trains stage 3 on")
     p.add_argument("--batch", type=int, help="global batch, split over the processes (paper: 20)")
     p.add_argument("--crop", type=int, help="training crop, a multiple of 4 (paper: 256)")
@@ -51,8 +49,9 @@ def parse_args(argv):
     p.add_argument("--lr-min", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--blur-length", type=numbers(float, 2, 0), default=blurdm.BLUR_LENGTH, metavar="LO,HI",
-                   help="camera path lengths in pixels for photographs blurred on the fly (default %g,%g; 0,30 "
-                        "shows the network sharp inputs too)" % blurdm.BLUR_LENGTH)
+                   help="camera paths in px for photographs blurred on the fly (default %g,%g; 0,30: sharp inputs "
+                   "too)" % blurdm.BLUR_LENGTH)
+    p.add_argument("--reuse", type=int, default=1, help="steps a rendered crop serves, turned or flipped each time")
     p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on CPUs: it slows the training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast on CUDA, bf16 on CPUs with native bf16")
@@ -66,8 +65,8 @@ def parse_args(argv):
     lo, hi = args.blur_length
     if (args.eval_only and not args.init) or (args.iters and not any(args.iters)) or lo > hi:
         p.error("--eval-only needs --init CKPT, --iters at least one stage, and --blur-length LO <= HI")
-    for name, value in vars(args).items():  # whole numbers: at least 1 for sizes and periods, 0 for the others
-        if type(value) is int and not int(name in ("batch", "crop", "save_every", "log_every")) <= value < 2 ** 63:
+    for name, value in vars(args).items():  # whole numbers: sizes and periods >= 1 (True), others >= 0
+        if type(value) is int and not (name in ("batch", "crop", "reuse", "save_every", "log_every")) <= value < 2**63:
             p.error(f"--{name.replace('_', '-')} {value}: out of range")
     return args
 
@@ -90,8 +89,8 @@ def main(argv=None):
     if cfg.crop % 4 or cfg.batch_size % world_size:
         raise ValueError(f"--crop must be a multiple of 4, and --batch divide over the {world_size} processes")
     if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
-        say(f"note: --preset {args.preset} is sized for GPUs: on this CPU an epoch takes hours, and batch 20 of "
-            "256px crops needs more memory than most machines have; --preset demo is sized for CPUs")
+        say(f"note: --preset {args.preset} is sized for GPUs (hours an epoch here, and more memory than most "
+            "machines have); --preset demo is sized for CPUs")
     autocast, _, note = blurdm.autocast(device, args.amp)
     if note:
         say(f"note: {note}")
@@ -99,15 +98,13 @@ def main(argv=None):
     load_pair.cache_clear()  # files may have changed since an earlier run in this process
     say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
         + (" of sharp photographs, blurred on the fly" if next(iter(splits.values()))[0][0] is None else ""))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     for line in problems:
         say(f"warning: {line}")
     if args.eval_only:
         return evaluate_test_split(args, splits, device, autocast, say)
     if "train" not in splits:
-        raise ValueError(f"{args.data}: no training split (only {', '.join(splits)}); score models on it with "
-                         "--eval-only")
+        raise ValueError(f"{args.data}: no training split, only {', '.join(splits)} (--eval-only scores a model)")
     pairs, val_pairs = splits["train"], splits.get("test", [])
     if not val_pairs and args.val_count:  # no test split: hold out evenly spaced pairs, about a tenth
         val_pairs = pairs[::math.ceil(len(pairs) / max(1, min(args.val_count, len(pairs) // 10)))]
@@ -119,7 +116,7 @@ def main(argv=None):
             f"{np.mean([blurdm.psnr(b, s) for _, b, s in val_images]):.2f} dB")
     stage_steps = args.iters or [math.ceil(e * len(pairs) / cfg.batch_size) for e in cfg.stage_epochs]
     run = dict(crop=cfg.crop, batch_size=cfg.batch_size, lr=cfg.lr, lr_min=cfg.lr_min, seed=cfg.seed,
-               stage_steps=stage_steps, data=str(Path(args.data)), blur_length=list(args.blur_length))
+               stage_steps=stage_steps, data=str(Path(args.data)), blur_length=list(args.blur_length), reuse=args.reuse)
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # 1.16x on the CPU
     torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run of a command
     model = blurdm.BlurDM(cfg).to(device, memory_format=memory_format)
@@ -134,7 +131,8 @@ def main(argv=None):
         say(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)", flush=True)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    dataset, per_rank = PairDataset(pairs, cfg.crop, args.blur_length, cfg.seed), cfg.batch_size // world_size
+    dataset = PairDataset(pairs, cfg.crop, args.blur_length, cfg.seed, args.reuse)
+    per_rank = cfg.batch_size // world_size
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same crops
         samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])
                    for k in range(rank * per_rank, (rank + 1) * per_rank))
@@ -200,7 +198,7 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, step_ms=round(ms, 2),
                                   data_ms=round(data_ms, 2), time=time.time())), file=log, flush=True)
         if rank == 0 and val_images and ((args.val_every and step % args.val_every == 0) or step == total):
-            psnr, ssim = (float(v) for v in np.mean(evaluate(model, val_images, device, stage), axis=0))
+            psnr, ssim = (float(v) for v in np.mean(list(evaluate(model, val_images, device, stage)), axis=0))
             model.set_stage(stage)  # back to this stage's training modes
             counts = not (cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp): not what sample.py runs
             improved = counts and (best["psnr"] is None or psnr > best["psnr"])
@@ -238,9 +236,8 @@ def where_to_start(model, args, out, run, say):
         model.load_weights(state, last)
         finished = state["step"] >= run["stage_steps"][state["stage"] - 1]
         stages = [s for s in stages if s > state["stage"] or (s == state["stage"] and not finished)]
-        then = f"next: stage {stages[0]}" if stages else "nothing left to do"
-        say(f"{last}: stage {state['stage']} finished; {then}" if finished else
-            f"{last}: resuming stage {state['stage']} at step {state['step']}")
+        say(f"{last}: " + (f"stage {state['stage']} finished" if finished else
+                           f"resuming stage {state['stage']} at step {state['step']}"))
         return stages, None if finished else state, {"psnr": state.get("best_psnr")}
     if stages and stages[0] > 1 and not args.init:
         raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
@@ -253,13 +250,11 @@ def where_to_start(model, args, out, run, say):
 def evaluate(model, images, device, stage=3, tile=2048):
     """(PSNR, SSIM) of each (name, blur, sharp) uint8 image (METHOD.md §6); stage 1 uses SE(blur, sharp) as prior."""
     model.eval()
-    scores = []
     for _, blur_u8, sharp_u8 in images:
         blur, sharp = (x.to(device)[None].float() / 255 for x in (blur_u8, sharp_u8))
         prior = model.sharp_prior(blur, sharp) if model.cfg.prior and stage == 1 else None
         out = blurdm.to_uint8(model.deblur(blur, prior=prior, tile=tile)[0])
-        scores.append((blurdm.psnr(out, sharp_u8.to(device)), blurdm.ssim(out, sharp_u8.to(device))))
-    return scores
+        yield blurdm.psnr(out, sharp_u8.to(device)), blurdm.ssim(out, sharp_u8.to(device))
 
 
 def evaluate_test_split(args, splits, device, autocast, say):
@@ -297,13 +292,25 @@ def load_pair(blur_path, sharp_path, min_size=1):
 
 
 class PairDataset(Dataset):
-    """Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it."""
+    """Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
+    Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a fifth to a third of a
+    demo step on a CPU) and turned or flipped its own way each time."""
 
-    def __init__(self, pairs, crop, blur_length, seed):
-        self.pairs, self.crop, self.blur_length, self.seed, self.warned = pairs, crop, blur_length, seed, set()
+    def __init__(self, pairs, crop, blur_length, seed, reuse=1):
+        self.pairs, self.crop, self.blur_length, self.seed, self.reuse = pairs, crop, blur_length, seed, reuse
+        self.warned, self.rendered = set(), {}
 
     def __getitem__(self, item):
-        g, c = torch.Generator().manual_seed(mix_seed(self.seed, *item)), self.crop
+        key = (item[0], item[1] // self.reuse, item[2])  # (stage, group of steps, k)
+        if key not in self.rendered:  # kept while its steps last
+            self.rendered = {**{j: v for j, v in self.rendered.items() if j[:2] == key[:2]}, key: self.render(*key)}
+        g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
+        flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
+        pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
+        return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
+
+    def render(self, stage, group, k):
+        g, c = torch.Generator().manual_seed(mix_seed(self.seed, stage, group, k)), self.crop
         index = torch.randint(len(self.pairs), (), generator=g).item()
         for attempt in range(len(self.pairs)):  # a pair that cannot be used: a warning (once a process), the next
             try:
@@ -316,15 +323,11 @@ class PairDataset(Dataset):
         else:
             raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
         top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
-        sharp = sharp.float() / 255
-        if blur is None:
-            blur, sharp = blurdm.synthesize_blur(sharp, g, self.blur_length, subframes=None, window=(top, left, c, c))
+        if blur is None:  # a photograph: blurred here (subframes None: one a pixel of camera path)
+            blur, sharp = blurdm.synthesize_blur(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
         else:
-            blur, sharp = blur[:, top:top + c, left:left + c].float() / 255, sharp[:, top:top + c, left:left + c]
-        pair = torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
-        flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
-        pair = torch.rot90(pair.flip(-1) if flip else pair, turns, (-2, -1))  # one of the square's 8 symmetries
-        return pair[0].contiguous(), pair[1].contiguous()
+            blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
+        return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
 
 
 def validation_images(pairs, crop, seed, blur_length, say):
@@ -359,16 +362,13 @@ def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group
 
 def numbers(kind, count, least):
     """An argparse type: `count` numbers separated by commas (or one, for all), each in [least, 1e9)."""
-    def parse(text):
-        try:
-            values = [kind(v) for v in text.split(",")]
-        except ValueError:
-            values = []
+    def comma_separated(text):
+        values = [kind(v) for v in text.split(",")]  # not numbers: argparse says "invalid comma_separated value"
         values = values * count if len(values) == 1 else values
         if len(values) != count or not all(least <= v < 1e9 for v in values):
             raise argparse.ArgumentTypeError(f"takes {count} numbers >= {least} separated by commas, got {text!r}")
         return values
-    return parse
+    return comma_separated
 
 
 def cli(argv=None):
