@@ -1035,8 +1035,8 @@ def test_train_a_crash_with_data_workers_running_exits_at_once_with_one_line(tmp
         png.write_bytes(b"garbage")
     assert _train(["--data", data, "--out", tmp_path / "w", *_FAST, "--workers", "2", "--iters", "5"]) == 1
     assert "none of the 6 training pairs can be used" in _error_line(capsys.readouterr().err)
-    # its DataLoader was shut down before its workers were killed, not left to a later garbage collection (which
-    # could wait for ever on a lock a killed worker held)
+    # its DataLoader was shut down before its workers were killed, not left to a later garbage collection (whose
+    # shutdown cannot reach the workers any more, and waits for ever on a lock that a killed worker held)
     assert not [o for o in gc.get_objects() if type(o) is torch.utils.data.dataloader._MultiProcessingDataLoaderIter]
 
 
