@@ -303,7 +303,7 @@ class PairDataset(Dataset):
     def __getitem__(self, item):
         key = (item[0], item[1] // self.reuse, item[2])  # (stage, group of steps, k)
         if key not in self.rendered:  # kept while its steps last
-            self.rendered = {**{j: v for j, v in self.rendered.items() if j[:2] == key[:2]}, key: self.render(*key)}
+            self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
         flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
         pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
@@ -375,7 +375,7 @@ def cli(argv=None):
     """The entry point: one `error:` line and exit code 1 for what a user can fix; worker processes never outlive it."""
     try:
         return main(argv)
-    except BaseException as err:  # the frames free the DataLoader they hold: its workers are told to stop and do
+    except BaseException as err:  # clearing the frames frees a DataLoader they hold: its workers stop cleanly now
         traceback.clear_frames(err.__traceback__)
         if isinstance(err, KeyboardInterrupt):
             return 130
