@@ -131,34 +131,38 @@ def ship(state, weights=ROOT / "weights" / "blurdm-demo.pt"):
 
 
 def history(table=ROOT / "weights" / "history.csv", size=(720, 360), margin=50):
-    """The model card's training history as a plot: PSNR gain on blurred and PSNR on sharp inputs, by iteration."""
+    """The model card's training history as a plot: PSNR gain on blurred and PSNR on sharp inputs, by iteration,
+    for BlurDM and for the baseline without the prior."""
     from PIL import ImageDraw
 
     rows = list(csv.DictReader(open(table)))
     x = [float(r["iterations"]) for r in rows]
-    series = {"gain on blurred (dB)": ([float(r["model_psnr"]) - float(r["blurry_psnr"]) for r in rows], (200, 40, 40)),
-              "sharp in: PSNR - 35 dB": ([float(r["sharp_psnr"]) - 35 for r in rows], (40, 90, 200))}
-    lo = min(0.0, *(v for values, _ in series.values() for v in values))
-    hi = max(3.5, *(v for values, _ in series.values() for v in values))
+    measures = {"gain on blurred (dB)": lambda r: float(r["model_psnr"]) - float(r["blurry_psnr"]),
+                "sharp in: PSNR - 35 dB": lambda r: float(r["sharp_psnr"]) - 35}
+    colours = iter([(200, 40, 40), (40, 90, 200), (240, 160, 60), (110, 190, 230)])  # BlurDM dark, no prior light
+    series = {f"{label}: {name}": ([(i, f(r)) for i, r in enumerate(rows) if r["model"] == model], next(colours))
+              for model, label in (("blurdm", "BlurDM"), ("no-prior", "no prior")) for name, f in measures.items()}
+    lo = min(0.0, *(v for points, _ in series.values() for _, v in points))
+    hi = max(3.5, *(v for points, _ in series.values() for _, v in points))
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
     W, H = size[0] - 2 * margin, size[1] - 2 * margin
-    point = lambda i, v: (margin + W * (x[i] - x[0]) / max(x[-1] - x[0], 1), margin + H * (hi - v) / (hi - lo))
+    point = lambda i, v: (margin + W * (x[i] - min(x)) / max(max(x) - min(x), 1), margin + H * (hi - v) / (hi - lo))
     for level in range(math.floor(lo), math.ceil(hi) + 1):  # a grid line a dB; +3 (both targets) darker
         y = point(0, level)[1]
         draw.line([(margin, y), (margin + W, y)], fill=(120, 120, 120) if level == 3 else (225, 225, 225))
         draw.text((8, y - 6), f"{level:+d}", fill="black")
     draw.text((margin + W - 200, point(0, 3)[1] - 14), "targets: +3 dB gain, 38 dB sharp", fill=(90, 90, 90))
     for k, (name, (values, colour)) in enumerate(series.items()):
-        points = [point(i, v) for i, v in enumerate(values)]
+        points = [point(i, v) for i, v in values]
         if len(points) > 1:
             draw.line(points, fill=colour, width=3)
         for x0, y0 in points:
             draw.ellipse((x0 - 4, y0 - 4, x0 + 4, y0 + 4), fill=colour)
         draw.text((margin + 10, 10 + 14 * k), name, fill=colour)
-    draw.text((margin, size[1] - margin + 10), f"iterations {x[0]:,.0f} .. {x[-1]:,.0f}", fill="black")
+    draw.text((margin, size[1] - margin + 10), f"iterations {min(x):,.0f} .. {max(x):,.0f}", fill="black")
     canvas.save(table.with_suffix(".png"))
-    print(f"{table.with_suffix('.png')}: {len(rows)} parts")
+    print(f"{table.with_suffix('.png')}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
