@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import default_collate
 
 import blurdm
-import train
 
 PHOTO = Path(__file__).resolve().parent / "assets" / "example_sharp.png"
+TRAIN_SHAPE = {"paper": (20, 256), "mimo-unet": (20, 256), "demo": (8, 128), "tiny": (4, 64)}  # train.py's batch, crop
 
 
 def sync(device):
@@ -49,16 +49,14 @@ def timed(fn, device, repeat):
     return min(times)
 
 
-def run_case(preset, size, device, repeat, train_step, compile_model, channels_last, amp, reuse):
+def run_case(preset, size, device, repeat, train_step, compile_model, amp, reuse):
     """Measure one (preset, size) in this process; returns a dict."""
     device = torch.device(device)
     H, W = size
     torch.manual_seed(0)
     model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(preset)).to(device).eval()
     x = torch.rand(1, 3, H, W, device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=blurdm.memory_format(device))  # as train.py; deblur() converts its input
     if compile_model:
         model.deblurrer = torch.compile(model.deblurrer)
     if device.type == "cuda":
@@ -80,20 +78,19 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
     else:
         row["peak_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if train_step:
-        cfg, memory_format = model.cfg, torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        model = model.to(memory_format=memory_format)
-        dataset = train.PairDataset([(None, str(PHOTO))], cfg.crop, (0.0, 30.0), cfg.seed, reuse)
-        optimizer = torch.optim.Adam(model.set_stage(3), lr=cfg.lr)
+        (batch, crop), memory_format = TRAIN_SHAPE[preset], blurdm.memory_format(device)
+        dataset = blurdm.PairDataset([(None, str(PHOTO))], crop, (0.0, 30.0), 0, reuse)
+        optimizer = torch.optim.Adam(model.set_stage(3), lr=1e-4, fused=device.type == "cuda")
         steps, data_time = itertools.count(), []
 
         def step():
             t0 = time.perf_counter()
             s = next(steps)
             blur, sharp = (x.to(device, memory_format=memory_format) for x in
-                           default_collate([dataset[(3, s, k)] for k in range(cfg.batch_size)]))
+                           default_collate([dataset[(3, s, k)] for k in range(batch)]))
             data_time.append(time.perf_counter() - t0)
             with autocast():
-                loss = model.loss(blur, sharp, stage=3)
+                loss = model(blur, sharp, stage=3)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -109,8 +106,8 @@ def run_case(preset, size, device, repeat, train_step, compile_model, channels_l
         sync(device)
         row["train_step_s"] = (time.perf_counter() - t0) / n
         row["train_data_s"] = sum(data_time) / n
-        row["train_megapixels_per_s"] = cfg.batch_size * cfg.crop ** 2 / 1e6 / row["train_step_s"]
-        row["train_batch"] = f"{cfg.batch_size}x{cfg.crop}x{cfg.crop}" + (f" reuse {reuse}" if reuse > 1 else "")
+        row["train_megapixels_per_s"] = batch * crop ** 2 / 1e6 / row["train_step_s"]
+        row["train_batch"] = f"{batch}x{crop}x{crop}" + (f" reuse {reuse}" if reuse > 1 else "")
     return row
 
 
@@ -122,8 +119,6 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the deblurrer (compile time excluded)")
-    parser.add_argument("--channels-last", action="store_true", help="convert the weights too (deblur() already "
-                        "runs its CPU input in channels_last)")
     parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast inference and the training step")
     parser.add_argument("--reuse", type=int, default=1, help="train.py --reuse: steps a rendered crop serves")
     parser.add_argument("--json", default="bench.json", help="where to write the table")
@@ -133,8 +128,7 @@ def main():
     if args.case:
         preset, size, train = args.case.split(":")
         W, H = map(int, size.split("x"))
-        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.channels_last, args.amp,
-                       args.reuse)
+        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.amp, args.reuse)
         print(json.dumps(row))
         return
 
@@ -143,7 +137,7 @@ def main():
         for i, size in enumerate(args.sizes):
             train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
             cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device, "--repeat",
-                   str(args.repeat)] + ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
+                   str(args.repeat)] + ["--compile"] * args.compile
             cmd += (["--amp", args.amp] if args.amp else []) + ["--reuse", str(args.reuse)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:  # a case killed for memory leaves no message: say so
@@ -161,7 +155,7 @@ def main():
                   flush=True)
     with open(args.json, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
-                   "channels_last": args.channels_last, "amp": args.amp, "reuse": args.reuse, "rows": rows}, f,
+                   "amp": args.amp, "reuse": args.reuse, "rows": rows}, f,
                   indent=1)
     print(f"wrote {args.json}")
 

@@ -36,17 +36,24 @@ Sections, in reading order:
 METHOD.md, beside this file, derives the equations the code cites.
 """
 
+import argparse
+import copy
+import errno
+import functools
 import math
 import os
+import pickle
 import re
+import shutil
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Config
@@ -54,11 +61,15 @@ import torch.nn.functional as F
 
 @dataclass
 class BlurDMConfig:
+    """What shapes the weights and the method. The training recipe (crop, batch, learning rate, stage lengths) is
+    train.py's; a checkpoint's config is checked where the file is read (check_config)."""
     # deblurring network: MIMO-UNet+ by default (the paper's "MIMO-UNet" row)
     width: int = 32  # channels at full resolution; 2x and 4x at the 1/2 and 1/4 scales
     num_res: int = 20  # residual blocks per encoder and decoder stage (MIMO-UNet: 8)
     dropout: float = 0.1  # Dropout2d on the two feature-fusion outputs (MIMO-UNet+ only)
     prior: bool = True  # False: the backbone alone, the paper's baseline
+    fusion_residual: bool = False  # prior fusion as features·(1 + k) + v, starting at 0: see PriorFusion
+    input_offset: float = 0.5  # the networks see image - offset: 0.5 as BlurDM's code, 0 as MIMO-UNet's weights
     # latent prior (official LE_arch and estimators)
     latent_dim: int = 256
     encoder_width: int = 64
@@ -75,35 +86,6 @@ class BlurDMConfig:
     fft_weight: float = 0.1
     charbonnier_eps: float = 1e-3
     prior_loss: str = "l1"  # "l1" as in the paper, "charbonnier" as in the official code
-    # training recipe (used by train.py; not part of the weights)
-    crop: int = 256
-    batch_size: int = 20
-    lr: float = 1e-4
-    lr_min: float = 1e-6
-    stage_epochs: tuple = (3000, 500, 3000)
-    seed: int = 2023
-
-    def __post_init__(self):
-        """Types and ranges are checked, as a checkpoint's config is read from a file (width 1e6 would ask for TBs)."""
-        for f in fields(self):
-            value, kind = getattr(self, f.name), type(f.default)
-            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool)) or \
-                (kind is float and type(value) is int) or (kind is tuple and isinstance(value, list))
-            if not ok or (kind is float and not math.isfinite(value)):
-                what = "a finite float" if kind is float else kind.__name__
-                raise ValueError(f"config field {f.name} must be {what}, not {value!r}")
-            if f.name in LIMITS and not LIMITS[f.name][0] <= value <= LIMITS[f.name][1]:
-                low, high = LIMITS[f.name]
-                raise ValueError(f"config field {f.name} must be in [{low}, {high}], not {value!r}")
-        self.stage_epochs = tuple(self.stage_epochs)
-        if len(self.stage_epochs) != 3 or not all(type(e) in (int, float) and 0 <= e < 1e9 for e in self.stage_epochs):
-            raise ValueError(f"config field stage_epochs must be three numbers of epochs, not {self.stage_epochs!r}")
-        if self.beta_bar_rule not in ("paper", "official"):
-            raise ValueError(f"beta_bar_rule must be 'paper' or 'official', not {self.beta_bar_rule!r}")
-        if self.prior_loss not in ("l1", "charbonnier"):
-            raise ValueError(f"prior_loss must be 'l1' or 'charbonnier', not {self.prior_loss!r}")
-        if self.alpha_start <= 0 or self.alpha_end <= self.alpha_start:
-            raise ValueError("the exposure schedule needs 0 < alpha_start < alpha_end (the reverse step divides by α)")
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -111,34 +93,12 @@ class BlurDMConfig:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config fields {', '.join(unknown)}")
-        return cls(**d)
-
-    def weight_fields_differing_from(self, other):
-        """Names of the fields that change the model (not the training recipe) and differ between two configs."""
-        return [f.name for f in fields(self)
-                if f.name not in RECIPE_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
-
-
-LIMITS = dict(width=(1, 512), num_res=(1, 100), dropout=(0.0, 1.0), latent_dim=(1, 4096), encoder_width=(1, 1024),
-              encoder_blocks=(0, 100), estimator_layers=(1, 100), T=(1, 1000), beta_start=(0.0, 10.0),
-              beta_end=(0.0, 10.0), crop=(4, 8192), batch_size=(1, 1 << 16), lr=(0.0, 1e30), lr_min=(0.0, 1e30))
-RECIPE_FIELDS = ("fft_weight", "charbonnier_eps", "prior_loss", "crop", "batch_size", "lr", "lr_min", "stage_epochs",
-                 "seed")
 
 PRESETS = {
-    "paper": {},  # MIMO-UNet+ + BlurDM, the official recipe
+    "paper": {},  # MIMO-UNet+ + BlurDM
     "mimo-unet": dict(num_res=8, dropout=0.0),
-    # sized for CPUs: 1280x720 in about 3 s on 2 cores; trained on photographs for the shipped demo weights
-    "demo": dict(width=16, num_res=2, dropout=0.0, latent_dim=64, encoder_width=16, encoder_blocks=2,
-                 crop=128, batch_size=8, lr=5e-4, lr_min=1e-5, stage_epochs=(1334, 334, 1000)),
-    "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16, encoder_blocks=1,
-                 crop=64, batch_size=4, lr=1e-3, stage_epochs=(2, 1, 2)),
+    "demo": dict(width=16, num_res=2, dropout=0.0, latent_dim=64, encoder_width=16, encoder_blocks=2),  # for CPUs
+    "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16, encoder_blocks=1),  # for tests
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,19 +326,28 @@ class ResidualEstimator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x_t, t_frac, c):
-        return self.net(torch.cat([c, t_frac, x_t], 1))  # (B, 2d + 1) -> (B, d)
+        h = torch.cat([c, t_frac, x_t], 1).to(self.net[0].weight.dtype)  # (B, 2d + 1): the chain runs in fp32 at least
+        return self.net(h).to(x_t.dtype)  # (B, d)
 
 
 class PriorFusion(nn.Module):
-    """Prior fusion module: features · k + v, with (k, v) a bias-free linear map of the prior (no "+1" on k)."""
+    """
+    Prior fusion module: features · k + v, with (k, v) a bias-free linear map of the prior (no "+1" on k, as the
+    official code). With residual=True it is features · (1 + k) + v with the map starting at zero: the identity at
+    the start, so that a prior added to a trained backbone begins at the backbone's own output (our choice, for
+    fine-tuning published weights; the parameters are the same).
+    """
 
-    def __init__(self, latent_dim, channels):
+    def __init__(self, latent_dim, channels, residual=False):
         super().__init__()
+        self.residual = residual
         self.to_scale_shift = nn.Linear(latent_dim, 2 * channels, bias=False)
+        if residual:
+            nn.init.zeros_(self.to_scale_shift.weight)
 
     def forward(self, x, prior):
-        k, v = self.to_scale_shift(prior)[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
-        return x * k + v
+        k, v = self.to_scale_shift(prior.to(x.dtype))[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+        return x * (1 + k) + v if self.residual else x * k + v
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,8 +449,8 @@ class MIMOUNet(nn.Module):
         for layer in self.to_image:  # start as the identity (out = input), not as the input plus random residuals
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch) for ch in (4 * c, 2 * c, c)]) \
-            if cfg.prior else None
+        self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch, cfg.fusion_residual)
+                                           for ch in (4 * c, 2 * c, c)]) if cfg.prior else None
 
     def decode(self, level, x, prior):
         if self.prior_fusion is not None:
@@ -489,8 +458,8 @@ class MIMOUNet(nn.Module):
         return self.decoders[level](x)
 
     def forward(self, x, prior=None):
-        half = lambda t: F.interpolate(t, scale_factor=0.5)  # nearest, as everywhere inside MIMO-UNet
-        x2, x4 = half(x), half(half(x))
+        x2 = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2))  # nearest, as everywhere inside MIMO-UNet
+        x4 = F.interpolate(x2, size=(x2.shape[-2] // 2, x2.shape[-1] // 2))
         f1 = self.encoders[0](self.stem(x))  # (B, c, H, W)
         f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # (B, 2c, H/2, W/2)
         f3 = self.encoders[2](self.attention[1](self.down[1](f2), self.shallow[1](x4)))  # (B, 4c, H/4, W/4)
@@ -521,10 +490,10 @@ def spectrum(x):
 def deblur_loss(outputs, sharp, cfg):
     """
     MIMO-UNet's loss: Σ_s Charbonnier(out_s, sharp_s) + 0.1 Σ_s Charbonnier(FFT out_s, FFT sharp_s), sharp_s the
-    bilinear downscale of the target to each output's size. `outputs` is one image or a list of scales.
+    bilinear downscale of the target to each output's size. `outputs`: a list of scales in [0, 1]; sharp in [0, 1].
     """
     content = frequency = 0.0
-    for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+    for out in outputs:
         target = sharp if out.shape == sharp.shape else F.interpolate(sharp, size=out.shape[-2:], mode="bilinear")
         out = out.clamp(0, 1)
         content = content + charbonnier(out, target, cfg.charbonnier_eps)
@@ -540,22 +509,20 @@ def prior_loss(prior, target, cfg):
 
 
 INFERENCE_SEED = 2023  # the official code's seed for the start noise of the reverse chain
-PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy (<= 4.8 GB at d 256)
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable BlurDM checkpoint; the message names the file and the problem."""
+PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy (bounds its memory)
 
 
 class BlurDM(nn.Module):
     """
     Latent BlurDM on a deblurring network: MIMO-UNet(+) by default, or any `deblurrer` module whose forward is
-    deblurrer(x, prior) -> image or list of scales (full resolution last), with x in [-0.5, 0.5], prior (B, d) or
-    None, and PriorFusion modules where its decoder wants the prior. Images enter and leave in [0, 1].
-    Training stages (METHOD.md §5):
+    deblurrer(x, prior) -> image or list of scales (full resolution last), with prior (B, d) or None, and PriorFusion
+    modules where its decoder wants the prior. Images enter and leave in [0, 1]; the networks see them shifted by
+    to_network, and the deblurrer's outputs are shifted back by restore.
+    Training stages (METHOD.md §5); forward(blur, sharp, stage) returns the stage's loss:
         1. prior = SE(blur, sharp); train SE and the deblurrer with the deblurring loss;
         2. prior = chain(BE(blur)), target = SE(blur, sharp) with SE frozen; train BE and both estimators;
         3. prior = chain(BE(blur)); train BE, the estimators and the deblurrer with the deblurring loss.
+    Inference: deblur(blurry) on a whole image; deblur_tiled(model, ...) below for large ones.
     """
 
     def __init__(self, cfg=None, deblurrer=None):
@@ -569,43 +536,47 @@ class BlurDM(nn.Module):
             self.noise_estimator = ResidualEstimator(cfg)
             self.diffusion = BlurDiffusion(cfg)
 
+    def to_network(self, image):
+        """An image in [0, 1] -> what the networks see: [-0.5, 0.5] (input_offset 0.5), or [0, 1] (offset 0)."""
+        return image - self.cfg.input_offset
+
+    def restore(self, blur, prior):
+        """The deblurrer on blur in [0, 1] (H, W a multiple of 4) -> its outputs in [0, 1], full resolution last."""
+        out = self.deblurrer(self.to_network(blur), prior)
+        return [o + self.cfg.input_offset for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+    def sharp_latent(self, blur, sharp):
+        """Z^S = SE(blur, sharp) for images in [0, 1]: the stage-1 prior and the stage-2 target."""
+        return self.sharp_encoder(self.to_network(blur), self.to_network(sharp))
+
     def blur_prior(self, blur, eps=None):
-        """Z_0^B: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B. `blur` is in [-0.5, 0.5]."""
-        z_blur = self.blur_encoder(blur, blur)  # (B, d)
+        """Z_0^B for blur in [0, 1]: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B."""
+        x = self.to_network(blur)
+        z_blur = self.blur_encoder(x, x)  # (B, d)
         z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # the chain's sums in fp32 at least
-        if eps is None:
-            eps = torch.randn_like(z_blur)
-        x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps.to(z_blur))
+        eps = torch.randn_like(z_blur) if eps is None else eps.to(z_blur)
+        x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps)
         return self.diffusion.p_sample_loop(x_T, z_blur, self.blur_estimator, self.noise_estimator)
 
-    def forward(self, blur, sharp=None, stage=3, eps=None):
+    def forward(self, blur, sharp, stage=3, eps=None):
         """
-        blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4.
-        Stages 1 and 3 (and a model without prior) return the deblurrer's outputs shifted back to [0, 1]
-        (MIMO-UNet: 1/4, 1/2 and full scale); stage 2 returns (prior, target): the chain's output and SE's latent.
+        The training loss of a stage. blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4; eps: the chain's
+        start noise (drawn if None). A model without prior has one loss, the deblurring loss, whatever the stage.
         """
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
         if blur.shape[-1] % 4 or blur.shape[-2] % 4:
             raise ValueError(f"H and W must be divisible by 4, got {tuple(blur.shape[-2:])}; deblur() pads for you")
-        x = blur - 0.5
-        prior = None
-        if self.cfg.prior:
-            if stage == 1:
-                prior = self.sharp_encoder(x, sharp - 0.5)
-            else:
-                prior = self.blur_prior(x, eps)
-            if stage == 2:
-                with torch.no_grad():
-                    target = self.sharp_encoder(x, sharp - 0.5)
-                return prior, target
-        out = self.deblurrer(x, prior)
-        return [o + 0.5 for o in out] if isinstance(out, (list, tuple)) else out + 0.5
-
-    def loss(self, blur, sharp, stage=3, outputs=None):
-        """The stage's loss. `outputs`: what forward() returned through a wrapper (DistributedDataParallel)."""
-        outputs = self(blur, sharp, stage=stage) if outputs is None else outputs
-        if self.cfg.prior and stage == 2:
-            return prior_loss(*outputs, self.cfg)
-        return deblur_loss(outputs, sharp, self.cfg)
+        if not self.cfg.prior:
+            return deblur_loss(self.restore(blur, None), sharp, self.cfg)
+        if stage == 1:
+            return deblur_loss(self.restore(blur, self.sharp_latent(blur, sharp)), sharp, self.cfg)
+        prior = self.blur_prior(blur, eps)
+        if stage == 2:
+            with torch.no_grad():
+                target = self.sharp_latent(blur, sharp)
+            return prior_loss(prior, target, self.cfg)
+        return deblur_loss(self.restore(blur, prior), sharp, self.cfg)
 
     def set_stage(self, stage):
         """Put the model in training mode for a stage; returns the parameters that stage optimises."""
@@ -628,11 +599,6 @@ class BlurDM(nn.Module):
         return eps.expand(n, -1).to(device)
 
     @torch.inference_mode()
-    def sharp_prior(self, blurry, sharp):
-        """Z^S = SE(blur, sharp) for images in [0, 1] of any size: the stage-1 prior (validation of stage 1)."""
-        return self.sharp_encoder(pad_to_multiple(blurry, 8) - 0.5, pad_to_multiple(sharp, 8) - 0.5)
-
-    @torch.inference_mode()
     def prior_for(self, blurry, seed=INFERENCE_SEED):
         """
         The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior). The blur encoder
@@ -645,74 +611,88 @@ class BlurDM(nn.Module):
         if H * W > PRIOR_MAX_PIXELS:
             scale = math.sqrt(PRIOR_MAX_PIXELS / (H * W))
             blurry = F.interpolate(blurry, size=(max(8, int(H * scale)), max(8, int(W * scale))), mode="area")
-        x = pad_to_multiple(blurry, 8) - 0.5
+        x = pad_to_multiple(blurry, 8)
         return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device))
 
     @torch.inference_mode()
-    def deblur(self, blurry, seed=INFERENCE_SEED, prior=None, tile=0, overlap=64):
+    def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
         """
-        Inference: (B, 3, H, W) in [0, 1], any H and W -> the sharp estimate, same shape, in [0, 1]. All T steps
-        run; `seed` fixes ε (official: 2023). With `tile`, an image larger than tile x tile runs in overlapping
-        tiles blended with ramps (deblur_tiled), all of them modulated by one prior computed on the whole image,
-        as the untiled run is; `prior` may also be passed in.
+        Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and W -> the sharp
+        estimate, same shape, floats in [0, 1] in the model's dtype. All T steps run; `seed` fixes ε (official:
+        2023); `prior` may be passed in instead (deblur_tiled passes the whole image's to every tile).
         """
+        x = image_batch(blurry, next(self.parameters()).dtype)
         modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
         self.eval()
         try:
-            if prior is None:
-                prior = self.prior_for(blurry, seed)
-            if tile and max(blurry.shape[-2:]) > tile:
-                return deblur_tiled(self.deblur_whole, blurry, prior, tile, overlap)
-            return self.deblur_whole(blurry, prior)
+            out = self.deblur_whole(x, self.prior_for(x, seed) if prior is None else prior)
         finally:
             for module, training in modes:
                 module.training = training
+        return out if blurry.dim() == 4 else out[0]
 
     def deblur_whole(self, blurry, prior):
-        """The deblurrer on one image or tile, padded to a multiple of 8 (reflect) and cropped back."""
+        """The deblurrer on (B, 3, H, W) in [0, 1], padded to a multiple of 8 (reflect) and cropped back."""
         H, W = blurry.shape[-2:]
-        x = pad_to_multiple(blurry, 8) - 0.5
-        if x.device.type == "cpu":  # the layout propagates through the convs: 1.2-1.9x faster on CPU (bench.py)
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.deblurrer(x, prior)
-        out = out[-1] if isinstance(out, (list, tuple)) else out
-        return (out[..., :H, :W] + 0.5).clamp(0, 1).contiguous()
-
-    # checkpoints
-    def save(self, path, **extra):
-        """Write config + weights (+ anything in `extra`) atomically: a temp file, then a rename."""
-        with atomic_path(path) as tmp:
-            torch.save({"format": "blurdm", "config": asdict(self.cfg), "model": self.state_dict(), **extra}, tmp)
-
-    @classmethod
-    def from_checkpoint(cls, path, map_location="cpu", deblurrer=None):
-        checkpoint = load_checkpoint(path, map_location)
-        model = cls(BlurDMConfig.from_dict(checkpoint["config"]), deblurrer)
-        model.load_weights(checkpoint, path)
-        return model.eval()
-
-    def load_weights(self, checkpoint, path="checkpoint"):
-        """Load the weights of a checkpoint dict (see load_checkpoint) whose config must match this model's."""
-        stored = BlurDMConfig.from_dict(checkpoint["config"])
-        differing = stored.weight_fields_differing_from(self.cfg)
-        if differing:
-            detail = ", ".join(f"{k} {getattr(stored, k)!r} vs {getattr(self.cfg, k)!r}" for k in differing)
-            raise CheckpointError(f"{path}: saved with another config ({detail})")
-        try:
-            self.load_state_dict(checkpoint["model"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: weights do not match its config ({str(err).splitlines()[0]})") from None
+        x = pad_to_multiple(blurry, 8).contiguous(memory_format=memory_format(blurry.device))
+        return self.restore(x, prior)[-1][..., :H, :W].clamp(0, 1).contiguous()
 
 
-def deblur_tiled(deblur_whole, x, prior, tile, overlap):
+def image_batch(images, dtype=torch.float32):
+    """What deblur accepts -> (B, 3, H, W) in [0, 1] of `dtype`; one-line ValueErrors for anything else."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"deblur expects a torch tensor (B, 3, H, W) in [0, 1], not a {type(images).__name__}; "
+                         "for images of different sizes, call it once per image")
+    x = images[None] if images.dim() == 3 else images
+    if x.dim() != 4 or x.shape[1] != 3 or x.numel() == 0:
+        raise ValueError(f"deblur expects RGB images (B, 3, H, W) or (3, H, W), not shape {tuple(images.shape)}")
+    if x.dtype == torch.uint8:
+        x = x / 255
+    elif not x.is_floating_point():
+        raise ValueError(f"deblur expects floats in [0, 1] or uint8, not {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("deblur: the image holds NaN or infinite values")
+    low, high = x.min().item(), x.max().item()
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"deblur expects floats in [0, 1] (or uint8), got values in [{low:g}, {high:g}]")
+    return x.clamp(0, 1).to(dtype)
+
+
+def memory_format(device):
+    """The one layout decision: channels_last on the CPU (faster through the convolutions), the default elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def pad_to_multiple(x, multiple):
+    """Pad the bottom and right of (B, C, H, W) to a multiple: reflect, or replicate where the image is too small."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < H and pw < W else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Large images in tiles, all modulated by one prior computed on the whole image
+
+
+@torch.inference_mode()
+def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
     """
-    (B, 3, H, W) -> deblur_whole on overlapping tiles, blended with normalised weights. Tiles are as few as `tile`
-    allows, all one size, neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that the network's
-    1/2 and 1/4 sampling grids fall where they fall in the untiled run.
+    deblur() for images larger than `tile` px: overlapping tiles blended with normalised weights, each modulated by
+    the prior of the whole image (as the untiled run is). Tiles are as few as `tile` allows, all one size,
+    neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that the network's 1/2 and 1/4 sampling
+    grids fall where they fall in the untiled run. Takes and returns what deblur() does.
     """
+    check_tiling(tile, overlap)
+    x = image_batch(blurry, next(model.parameters()).dtype)
+    prior = model.prior_for(x, seed)
+    if max(x.shape[-2:]) <= tile:
+        return model.deblur(blurry, prior=prior)
     H, W = x.shape[-2:]
     overlap = 8 * math.ceil(overlap / 8)
-    tile = max(8 * (tile // 8), overlap + 8)
+    tile = 8 * (tile // 8)
     x = pad_to_multiple(x, 8)  # as deblur_whole pads the untiled image
     (ys, th), (xs, tw) = tile_starts(x.shape[-2], tile, overlap), tile_starts(x.shape[-1], tile, overlap)
     out, weight = torch.zeros_like(x), torch.zeros_like(x[:, :1])
@@ -720,9 +700,16 @@ def deblur_tiled(deblur_whole, x, prior, tile, overlap):
         for left in xs:
             w = blend_ramp(th, overlap, top > 0, top + th < x.shape[-2], x.device)[:, None] * \
                 blend_ramp(tw, overlap, left > 0, left + tw < x.shape[-1], x.device)  # (th, tw)
-            out[..., top:top + th, left:left + tw] += deblur_whole(x[..., top:top + th, left:left + tw], prior) * w
+            out[..., top:top + th, left:left + tw] += model.deblur(x[..., top:top + th, left:left + tw], prior=prior) * w
             weight[..., top:top + th, left:left + tw] += w
-    return (out / weight)[..., :H, :W]
+    out = (out / weight)[..., :H, :W]
+    return out if blurry.dim() == 4 else out[0]
+
+
+def check_tiling(tile, overlap):
+    if not (isinstance(tile, int) and isinstance(overlap, int) and 0 <= overlap and tile >= max(64, 2 * overlap)):
+        raise ValueError(f"--tile must be at least 64 px and twice --overlap, which cannot be negative (got tile "
+                         f"{tile}, overlap {overlap})")
 
 
 def tile_starts(length, tile, overlap):
@@ -750,18 +737,9 @@ def blend_ramp(size, overlap, rise, fall, device):
     return w
 
 
-def pad_to_multiple(x, multiple):
-    """Pad the bottom and right of (B, C, H, W) to a multiple: reflect, or replicate where the image is too small."""
-    H, W = x.shape[-2:]
-    ph, pw = -H % multiple, -W % multiple
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
+# 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
 
 
 def to_uint8(x):
@@ -809,49 +787,311 @@ def ssim(x, y):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Files: checkpoints and images
+# 9. Checkpoints: this project's format; MIMO-UNet's and the official BlurDM code's files converted on load; export
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True (a checkpoint can never run code), and a one-line error for a bad file."""
-    import pickle
+class CheckpointError(ValueError):
+    """A file that is not a loadable checkpoint; the message names the file and the problem."""
 
-    if not os.path.isfile(path):
+
+# a config read from a file is checked before anything is built from it
+LIMITS = dict(width=(4, 1024), num_res=(1, 100), dropout=(0.0, 0.99), input_offset=(0.0, 0.5), latent_dim=(1, 4096),
+              encoder_width=(1, 1024), encoder_blocks=(0, 100), estimator_layers=(1, 100), T=(1, 1000),
+              alpha_start=(0.0, 1e6), alpha_end=(0.0, 1e6), beta_start=(0.0, 10.0), beta_end=(0.0, 10.0),
+              fft_weight=(0.0, 1e3), charbonnier_eps=(1e-12, 1.0))
+CHOICES = dict(beta_bar_rule=("paper", "official"), prior_loss=("l1", "charbonnier"))
+RECIPE_FIELDS = ("crop", "batch_size", "lr", "lr_min", "stage_epochs", "seed")  # older files kept them: ignored
+
+
+def check_config(stored):
+    """A config dict read from a file -> BlurDMConfig; ValueError naming the first field that is unknown or bad."""
+    known = {f.name: type(f.default) for f in fields(BlurDMConfig)}
+    stored = {k: v for k, v in stored.items() if k not in RECIPE_FIELDS}
+    unknown = sorted(set(stored) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config fields {', '.join(unknown)}")
+    for name, value in stored.items():
+        kind = known[name]
+        if not (type(value) is kind or (kind is float and type(value) is int)) or \
+                (kind is float and not math.isfinite(value)):
+            raise ValueError(f"config field {name} must be {'a finite float' if kind is float else kind.__name__}, "
+                             f"not {value!r}")
+        if name in LIMITS and not LIMITS[name][0] <= value <= LIMITS[name][1]:
+            raise ValueError(f"config field {name} must be in [{LIMITS[name][0]}, {LIMITS[name][1]}], not {value!r}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"config field {name} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    cfg = BlurDMConfig(**stored)
+    if not 0 < cfg.alpha_start < cfg.alpha_end:
+        raise ValueError("the exposure schedule needs 0 < alpha_start < alpha_end (the reverse step divides by α)")
+    return cfg
+
+
+def save_checkpoint(path, model, **extra):
+    """Write config + weights (+ `extra`: stage, step, optimiser state ...) atomically: a temp file, then a rename.
+    A custom deblurrer's class name is stored, so that loading can say which module the file needs."""
+    name = type(model.deblurrer).__name__
+    checkpoint = {"format": "blurdm", "config": asdict(model.cfg), "model": model.state_dict(),
+                  **({"deblurrer": name} if name != "MIMOUNet" else {}), **extra}
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as a RuntimeError
+        if shutil.disk_usage(path.parent).free < 2 ** 26 or getattr(err, "errno", None) == errno.ENOSPC:
+            raise OSError(f"{path.parent}: the disk is full; {path.name} was not written (an earlier one is intact)") \
+                from None
+        raise OSError(f"{path}: cannot write ({str(err).strip().splitlines()[-1]})") from None
+
+
+def torch_load(path, map_location="cpu", allowed=()):
+    """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may rebuild), and a
+    one-line error for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # garbage bytes surface as any of a dozen exception types
         if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class or function to import
             raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
                                   "(only weights_only checkpoints are loaded)") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "blurdm" or \
-            not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
-        raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
-    try:
-        BlurDMConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
-    for name, value in checkpoint["model"].items():
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """
+    A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the file's dict). This
+    project's files are read as they are; MIMO-UNet's and the official BlurDM code's are converted (see below).
+    Every weight must be a finite tensor.
+    """
+    checkpoint = torch_load(path, map_location, allowed=[argparse.Namespace])
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm":
+        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
+            raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
+        try:
+            cfg = check_config(checkpoint["config"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
+        state = checkpoint["model"]
+    else:
+        cfg, state = convert_foreign(path, checkpoint, map_location)
+    for name, value in state.items():
         if not isinstance(value, torch.Tensor) or (value.is_floating_point() and not torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: weight {name} is " + ("not finite" if isinstance(value, torch.Tensor)
                                                                  else "not a tensor"))
-    return checkpoint
+    return cfg, state, checkpoint
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what read_image is used on
+PRIOR_PARTS = ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.", "deblurrer.prior_fusion.")
+
+
+def load_weights(model, state, path, optional=()):
+    """Copy a state dict into `model` after check_weights."""
+    check_weights(model, state, path, optional)
+    model.load_state_dict(state, strict=False)
+
+
+def check_weights(model, state, path, optional=()):
+    """Every stored key must have a place of its shape in `model`, and every weight of the model must be stored but
+    those whose names start with one of `optional` (they keep their initial values); CheckpointError naming the
+    first key that breaks this."""
+    own = model.state_dict()
+    for name, value in state.items():
+        if name not in own:
+            raise CheckpointError(f"{path}: weight {name} {tuple(value.shape)} has no place in the model")
+        if own[name].shape != value.shape:
+            raise CheckpointError(f"{path}: weight {name} is {tuple(value.shape)} in the file but "
+                                  f"{tuple(own[name].shape)} in the model")
+    missing = [name for name in own if name not in state and not name.startswith(tuple(optional))]
+    if missing:
+        raise CheckpointError(f"{path}: weight {missing[0]} {tuple(own[missing[0]].shape)} is missing from the file")
+
+
+def mimo_unet_names(num_res):
+    """{name in MIMO-UNet's state dict (chosj95/MIMO-UNet; the official BlurDM code's deblurrer too): ours}. Its
+    BasicConv keeps the conv at .main.0; its SCM1/FAM1 serve the 1/4 scale, SCM2/FAM2 the 1/2 scale."""
+    modules = {"feat_extract.0": "stem.0", "feat_extract.1": "down.0.0", "feat_extract.2": "down.1.0",
+               "feat_extract.3": "up.0.0", "feat_extract.4": "up.1.0", "feat_extract.5": "to_image.2",
+               "ConvsOut.0": "to_image.0", "ConvsOut.1": "to_image.1", "Convs.0": "squeeze.0.0",
+               "Convs.1": "squeeze.1.0", "FAM2.merge": "attention.0.merge", "FAM1.merge": "attention.1.merge",
+               "SCM2.conv": "shallow.0.out", "SCM1.conv": "shallow.1.out"}
+    for i in range(2):
+        modules |= {f"AFFs.{i}.conv.0": f"fusion.{i}.mix", f"AFFs.{i}.conv.1": f"fusion.{i}.out"}
+        modules |= {f"SCM{2 - i}.main.{k}": f"shallow.{i}.body.{k}.0" for k in range(4)}
+    for i in range(3):
+        for theirs, ours in (("Encoder", "encoders"), ("Decoder", "decoders")):
+            for j in range(num_res):
+                modules |= {f"{theirs}.{i}.layers.{j}.main.0": f"{ours}.{i}.{j}.body.0.0",
+                            f"{theirs}.{i}.layers.{j}.main.1": f"{ours}.{i}.{j}.body.1"}
+    names = {f"{a}.main.0.{p}": f"deblurrer.{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
+    return names | {f"Decoder.{i}.kv.weight": f"deblurrer.prior_fusion.{i}.to_scale_shift.weight" for i in range(3)}
+
+
+def official_prior_names(cfg):
+    """{name in the official BlurDM code's diffusion (model_dm_state) and sharp encoder (model_le_state): ours}.
+    Its LE_arch numbers the layers of one Sequential E (no placeholder where BatchNorm is left out); its estimators
+    are resmlp.0, then resmlp.k.resmlp.0."""
+    n, names = cfg.encoder_blocks, {}
+    for theirs, ours, bn in (("condition_encoder.", "blur_encoder.", False), ("le.", "sharp_encoder.", True)):
+        layers = {"E.0": "stem.0", f"E.{n + 2}": "head.0", f"E.{n + 4}": "head.2", f"E.{n + 6}": "head.4",
+                  "mlp.0": "head.8", "mlp.2": "head.10"}
+        for j in range(n):
+            layers |= {f"E.{j + 2}.body.{a}": f"blocks.{j}.body.{b}" for a, b in
+                       (((0, 0), (1, 1), (3, 3), (4, 4)) if bn else ((0, 0), (2, 3)))}
+        for a, b in layers.items():
+            for p in ("weight", "bias") + ("running_mean", "running_var", "num_batches_tracked") * ("body.1" in a
+                                                                                                   or "body.4" in a):
+                names[f"{theirs}{a}.{p}"] = f"{ours}{b}.{p}"
+    for theirs, ours in (("lcr_model.", "blur_estimator."), ("noise_model.", "noise_estimator.")):
+        layers = {"resmlp.0": "net.0"} | {f"resmlp.{k}.resmlp.0": f"net.{2 * (k - 1)}"
+                                          for k in range(2, cfg.estimator_layers + 1)}
+        names |= {f"{theirs}{a}.{p}": f"{ours}{b}.{p}" for a, b in layers.items() for p in ("weight", "bias")}
+    return names
+
+
+def convert_foreign(path, checkpoint, map_location):
+    """
+    MIMO-UNet's files ({'model': weights}, its model.pkl with optimizer state too) and the official BlurDM code's
+    (last_*.pth with model_state and model_dm_state; or final_deblur_*.pth, whose final_dm_*.pth and final_le_*.pth
+    beside it are read too) -> (config, state dict in our names). MIMO-UNet sees [0, 1] (input_offset 0), BlurDM
+    [-0.5, 0.5]; the BlurDM files were trained with the official β̄ and the Charbonnier prior loss.
+    """
+    path, parts = Path(path), {}
+    if isinstance(checkpoint, dict) and {"model_state", "model_dm_state", "model_le_state"} & set(checkpoint):
+        for key, prefix in (("model_state", ""), ("model_dm_state", ""), ("model_le_state", "le.")):
+            sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{key[6:-6] or 'deblur'}_", path.name))
+            source = checkpoint if key in checkpoint else torch_load(sibling, map_location, [argparse.Namespace]) \
+                if sibling != path and sibling.is_file() else {}
+            weights = source.get(key, {}) if isinstance(source, dict) else {}
+            parts |= {prefix + k.removeprefix("module."): v for k, v in weights.items()}
+    elif isinstance(checkpoint, dict):  # MIMO-UNet: {'model': weights}, or the bare weights
+        parts = {k.removeprefix("module."): v for k, v in checkpoint.get("model", checkpoint).items()}
+    width = parts.get("feat_extract.0.main.0.weight")
+    if not isinstance(width, torch.Tensor):
+        raise CheckpointError(f"{path}: not a checkpoint of a known kind (this project's, MIMO-UNet's or the "
+                              "official BlurDM code's)")
+    num_res = sum(k.startswith("Encoder.0.layers.") and k.endswith(".main.0.main.0.weight") for k in parts)
+    blurdm_file = "Decoder.0.kv.weight" in parts
+    cfg = BlurDMConfig(width=width.shape[0], num_res=num_res, dropout=0.1 if num_res == 20 else 0.0)
+    if blurdm_file:
+        cfg = replace(cfg, beta_bar_rule="official", prior_loss="charbonnier",
+                                  latent_dim=parts["Decoder.0.kv.weight"].shape[1])
+        diffusion = BlurDiffusion(cfg)
+        for name, ours in (("alphas", diffusion.alpha), ("betas_bar", diffusion.beta_bar[1:])):
+            stored = parts.pop(name, ours)
+            if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, atol=1e-5):
+                raise CheckpointError(f"{path}: schedule {name} {stored.tolist()} is not the official one this loader "
+                                      f"maps ({ours.tolist()})")
+        parts.pop("time_stamps_list", None)
+    else:
+        cfg = replace(cfg, prior=False, input_offset=0.0)
+    names = mimo_unet_names(num_res) | (official_prior_names(cfg) if blurdm_file else {})
+    unknown = next((k for k in parts if k not in names), None)
+    if unknown:
+        raise CheckpointError(f"{path}: weight {unknown} is not one of the {'BlurDM' if blurdm_file else 'MIMO-UNet'} "
+                              "code's")
+    with torch.device("meta"):
+        own = BlurDM(cfg).state_dict()
+    for theirs, value in parts.items():
+        if not isinstance(value, torch.Tensor) or own.get(names[theirs], value).shape != value.shape:
+            raise CheckpointError(f"{path}: weight {theirs} is {getattr(value, 'shape', type(value).__name__)}, not "
+                                  f"{tuple(own[names[theirs]].shape)}")
+    return cfg, {names[k]: v for k, v in parts.items()}
+
+
+def load_model(path, map_location="cpu", deblurrer=None):
+    """
+    Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode. The config
+    is checked against the stored shapes on a model without memory ("meta") before the real one is built. A file
+    saved with a custom deblurrer needs that module passed as `deblurrer`.
+    """
+    cfg, state, checkpoint = read_checkpoint(path, map_location)
+    needs = checkpoint.get("deblurrer") if isinstance(checkpoint, dict) else None
+    if needs and deblurrer is None:
+        raise CheckpointError(f"{path}: saved with the custom deblurrer {needs}; pass that module "
+                              "(load_model(path, deblurrer=...))")
+    if cfg.prior and not any(k.startswith("blur_estimator.") for k in state):
+        raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the official code keeps "
+                              "them in final_dm_*.pth, or a stage-3 last_*.pth); train.py --init can start stage 2 from it")
+    optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # the official SE: training only
+    with torch.device("meta"):
+        check_weights(BlurDM(cfg, None if deblurrer is None else copy.deepcopy(deblurrer).to("meta")), state, path,
+                      optional)
+    model = BlurDM(cfg, deblurrer)
+    load_weights(model, state, path, optional)
+    return model.eval()
+
+
+class InferenceProgram(nn.Module):
+    """
+    deblur() as one traceable module for torch.export: (B, 3, H, W) in [0, 1], H and W >= 9 -> the sharp estimate;
+    the start noise ε of `seed` is a constant of the program. Written so that export keeps B, H and W symbolic: the
+    pad is an 8-pixel reflection cropped to the multiple of 8 (the numbers of pad_to_multiple), the crop back a
+    negative pad.
+    """
+
+    def __init__(self, model, seed=INFERENCE_SEED):
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("eps", model.start_noise(1, seed, "cpu")[0])
+
+    def forward(self, blurry):
+        H, W = blurry.shape[-2:]
+        x = F.pad(blurry, (0, 8, 0, 8), mode="reflect")[..., :8 * ((H + 7) // 8), :8 * ((W + 7) // 8)]
+        prior = self.model.blur_prior(x, self.eps.expand(x.shape[0], -1)) if self.model.cfg.prior else None
+        out = self.model.restore(x, prior)[-1]
+        return F.pad(out, (0, W - out.shape[-1], 0, H - out.shape[-2])).clamp(0, 1)
+
+
+def export_program(model, path, seed=INFERENCE_SEED):
+    """Save the whole inference path (blur encoder, reverse chain, deblurrer) as a torch.export program (.pt2), any
+    batch and image size; it runs without this file: torch.export.load(path).module()(images)."""
+    example = torch.rand(2, 3, 70, 91)  # batch 2 and sizes off the multiple of 8: export keeps every size symbolic
+    auto = torch.export.Dim.AUTO
+    with torch.no_grad():
+        program = torch.export.export(InferenceProgram(model.float().cpu(), seed), (example,),
+                                      dynamic_shapes={"blurry": {0: auto, 2: auto, 3: auto}})
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Files: images, data sets on disk; device and precision
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # read_image's, in folders too
+WRITE_SUFFIXES = IMAGE_SUFFIXES[:-1]  # write_image's (a GIF would lose colours to its palette)
+
+
+def walk(folder, recursive=True, depth=None):
+    """
+    The files under `folder`, sorted; with `recursive`, those of its sub-folders too (at most `depth` levels down).
+    Folder links are followed, but never into a folder already walked: a link loop ends. Hidden files and folders
+    are left out.
+    """
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = os.stat(root)
+        level = len(Path(root).relative_to(folder).parts)
+        if (here.st_dev, here.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive and (depth is None or level < depth) else []
+        found += [Path(root) / f for f in files if not f.startswith(".")]
+    return sorted(found)
 
 
 def list_images(folder, recursive=True):
-    """Image files in `folder` (and its sub-folders), sorted; hidden files and folders are left out."""
-    folder = Path(folder)
-    found = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files in `folder` (and its sub-folders), sorted, as walk() finds them."""
+    return [p for p in walk(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
 
 
 PARTNER = {"blur": "sharp", "input": "target"}  # GoPro (not blur_gamma), its flat copy, and blur/ + sharp/ folders
@@ -928,6 +1168,87 @@ def find_pairs(root):
     return splits, problems
 
 
+# training samples: a random crop (blurred here for photographs), flips and quarter turns, the same for both images
+
+
+@functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not once a sample
+def load_pair(blur_path, sharp_path, min_size=1):
+    sharp = to_uint8(read_image(sharp_path))
+    blur = to_uint8(read_image(blur_path)) if blur_path else None
+    (h, w), name = sharp.shape[1:], blur_path or sharp_path
+    if blur is not None and blur.shape != sharp.shape:
+        raise ValueError(f"{blur_path}: {blur.shape[2]}x{blur.shape[1]} but its sharp image {sharp_path} is {w}x{h}")
+    if min(h, w) < min_size:
+        raise ValueError(f"{name}: {w}x{h} is smaller than the {min_size}px crop")
+    return blur, sharp
+
+
+class PairDataset(Dataset):
+    """Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
+    Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a large part of a small
+    model's step on a CPU) and turned or flipped its own way each time."""
+
+    def __init__(self, pairs, crop, blur_length, seed, reuse=1):
+        self.pairs, self.crop, self.blur_length, self.seed, self.reuse = pairs, crop, blur_length, seed, reuse
+        self.warned, self.rendered = set(), {}
+
+    def __getitem__(self, item):
+        key = (item[0], item[1] // self.reuse, item[2])  # (stage, group of steps, k)
+        if key not in self.rendered:  # kept while its steps last
+            self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
+        g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
+        flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
+        pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
+        return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
+
+    def render(self, stage, group, k):
+        g, c = torch.Generator().manual_seed(mix_seed(self.seed, stage, group, k)), self.crop
+        index = torch.randint(len(self.pairs), (), generator=g).item()
+        for attempt in range(len(self.pairs)):  # a pair that cannot be used: a warning (once a process), the next
+            try:
+                blur, sharp = load_pair(*self.pairs[(index + attempt) % len(self.pairs)], self.crop)
+                break
+            except ValueError as err:
+                if str(err) not in self.warned:
+                    self.warned.add(str(err))
+                    print(f"warning: {err}; skipped", flush=True)
+        else:
+            raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
+        top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
+        if blur is None:  # a photograph: blurred here (subframes None: one a pixel of camera path)
+            blur, sharp = synthesize_blur(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
+        else:
+            blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
+        return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
+
+
+def validation_images(pairs, crop, seed, blur_length, say):
+    """(name, blur, sharp) uint8 centre crops (crop 0: whole images); a photograph gets a fixed seeded blur."""
+    for j, (blur_path, sharp_path) in enumerate(pairs):
+        try:
+            blur, sharp = load_pair(blur_path, sharp_path)
+        except ValueError as err:
+            say(f"warning: {err}; left out of evaluation")
+            continue
+        H, W = sharp.shape[-2:]
+        margin = 0 if blur is not None or crop else min(math.ceil(blur_length[1] / 2) + 8, (min(H, W) - 8) // 4)
+        h, w = (min(crop, H), min(crop, W)) if crop else (H - 2 * margin, W - 2 * margin)  # whole: away from edges
+        top, left = (H - h) // 2, (W - w) // 2
+        if blur is None:
+            g = torch.Generator().manual_seed(mix_seed(seed, 0, j))
+            blur, sharp = (to_uint8(x) for x in synthesize_blur(
+                sharp.float() / 255, g, blur_length, subframes=None, window=(top, left, h, w)))
+        else:
+            blur, sharp = blur[:, top:top + h, left:left + w], sharp[:, top:top + h, left:left + w]
+        yield blur_path or sharp_path, blur, sharp
+
+
+def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a seed, a stage, a step), well mixed
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+
+
 @contextmanager
 def atomic_path(path):
     """Yields a temporary name beside `path` (same suffix) to write to; renamed over `path` only on success."""
@@ -940,12 +1261,25 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def read_image(path, with_alpha=False):
+def remove_stale_temps(folder):
+    """Delete the temp files atomic_path left in `folder` when its process was killed (that PID no longer runs)."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = re.fullmatch(r"\..+\.tmp(\d+)(\.\w+)?", tmp.name)
+        if pid and int(pid[1]) != os.getpid():
+            try:
+                os.kill(int(pid[1]), 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a process of another user: alive
+                pass
+
+
+def read_image(path, extras=False):
     """
     Read an image file as float RGB (3, H, W) in [0, 1], EXIF orientation applied; 8- and 16-bit, grayscale,
-    palette and alpha modes are converted (Pillow reads 16-bit RGB files at 8 bits; 16-bit grayscale keeps its
-    precision). With with_alpha, returns (rgb, alpha (1, H, W) or None).
-    Raises ValueError naming the file for anything that is not a readable image.
+    palette, alpha and float grayscale modes are converted (Pillow reads 16-bit RGB files at 8 bits; 16-bit grayscale
+    keeps its precision; float images in 0..255 are scaled). With extras, returns (rgb, {"alpha": (1, H, W) or None,
+    "icc_profile": bytes or None}). Raises ValueError naming the file for anything that is not a readable image.
     """
     from PIL import Image, ImageOps
 
@@ -958,29 +1292,41 @@ def read_image(path, with_alpha=False):
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, SyntaxError, Image.UnidentifiedImageError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
+        with open(path, "rb") as f:
+            tiff = f.read(4) in (b"II*\x00", b"MM\x00*")
+        raise ValueError(f"{path}: " + ("a TIFF variant that Pillow cannot decode (float RGB, for one)" if tiff
+                                        else f"not a readable image ({err})")) from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale
-        scale = 1.0 if img.mode == "F" else 65535.0
-        gray = torch.from_numpy(np.asarray(img, dtype=np.float32) / scale).clamp(0, 1)
+        gray = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(gray).all():
+            raise ValueError(f"{path}: holds NaN or infinite pixel values")
+        scale = 65535.0 if img.mode != "F" else 1.0 if gray.max() <= 1 else 255.0 if gray.max() <= 255 else None
+        if scale is None:
+            raise ValueError(f"{path}: float pixel values up to {gray.max():g}, neither in [0, 1] nor in 0..255")
+        gray = torch.from_numpy(gray / scale).float().clamp(0, 1)
         rgb, alpha = gray.expand(3, *gray.shape).contiguous(), None
     else:
         has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
         arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
         tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
         rgb, alpha = tensor[:3], (tensor[3:] if has_alpha else None)
-    return (rgb, alpha) if with_alpha else rgb
+    return (rgb, {"alpha": alpha, "icc_profile": img.info.get("icc_profile")}) if extras else rgb
 
 
-def write_image(image, path, alpha=None):
-    """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], and an optional alpha (1, H, W), as an 8-bit image;
-    the format follows the suffix (JPEG and BMP drop the alpha)."""
+def write_image(image, path, alpha=None, icc_profile=None):
+    """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], an optional alpha (1, H, W) and colour profile, as an
+    8-bit image; the format follows the suffix (JPEG and BMP have no alpha; JPEG at quality 95)."""
     from PIL import Image
 
-    if alpha is not None and Path(path).suffix.lower() not in (".jpg", ".jpeg", ".bmp"):
+    suffix = Path(path).suffix.lower()
+    if alpha is not None and suffix not in (".jpg", ".jpeg", ".bmp"):
         image = torch.cat([image, alpha.to(image)], 0)
     arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path)
+    options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    if icc_profile and suffix != ".bmp":
+        options["icc_profile"] = icc_profile
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
 
 
 def has_native_bf16():

@@ -4,6 +4,7 @@ Deblur photographs with a BlurDM checkpoint: files, folders or glob patterns in,
     python sample.py blurry.png                             # -> blurry_deblurred.png beside it
     python sample.py photos/ -r -o out/                     # a folder and its sub-folders, mirrored under out/
     python sample.py "shots/**/*.jpg" -r -o out/ --amp bf16 # a quoted pattern, expanded here; bf16 where native
+    python sample.py blurry.png --ckpt MIMO-UNetPlus.pkl    # published MIMO-UNet(+) or official BlurDM weights
     python sample.py huge.jpg --tile 1024                   # tiles of 1024 px sharing one prior; 0 never tiles
 
 The checkpoint alone defines the model (weights/blurdm-demo.pt unless --ckpt). To score results against ground
@@ -11,9 +12,10 @@ truth (PSNR / SSIM), use train.py --eval-only.
 """
 
 import argparse
-import glob
+import fnmatch
 import itertools
 import os
+import signal
 import sys
 import time
 import warnings
@@ -38,11 +40,10 @@ parser.add_argument("--ckpt", metavar="PATH", help="the checkpoint; it defines t
 parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                     help="autocast: bf16 or fp16 on CUDA, bf16 on a CPU that has it natively; fp32 elsewhere")
-parser.add_argument("--tile", type=int, default=1536, metavar="PX",
-                    help="deblur larger images in overlapping tiles of this size, all sharing the whole image's prior "
-                         "(default 1536: bounds the memory; 0 never tiles)")
-parser.add_argument("--overlap", type=int, default=64, metavar="PX",
-                    help="pixels that neighbouring tiles share (default 64)")
+parser.add_argument("--tile", type=int, metavar="PX", help="deblur larger images in overlapping tiles of this size, "
+                    "all sharing the whole image's prior (default: 1536 on a CPU, what free memory allows on a GPU; "
+                    "0 never tiles)")
+parser.add_argument("--overlap", type=int, default=64, metavar="PX", help="pixels that neighbouring tiles share")
 parser.add_argument("--seed", type=int, default=blurdm.INFERENCE_SEED, metavar="N",
                     help="seed of the prior's start noise (default 2023, as the official code)")
 
@@ -53,6 +54,29 @@ def is_pattern(text):
 
 def is_input_image(path):
     return path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not path.stem.endswith(OUTPUT_TAG)
+
+
+def matches(parts, pattern, recursive):
+    """Whether path parts match pattern parts as glob does: * within one name, ** across folders (with -r)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**" and recursive:
+        return any(matches(parts[i:], pattern[1:], recursive) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and matches(parts[1:], pattern[1:], recursive)
+
+
+def expand_pattern(spec, recursive):
+    """The images a glob pattern names: matching files, and the images of matching folders. Walked with
+    blurdm.walk, so that a folder link back up the tree ends instead of looping."""
+    base = Path(*itertools.takewhile(lambda part: not is_pattern(part), Path(spec).parts))
+    pattern = Path(spec).parts[len(base.parts):]
+    found = []
+    for path in blurdm.walk(base, recursive=True, depth=None if recursive else len(pattern)):
+        parts = path.relative_to(base).parts
+        folder = next((k for k in range(1, len(parts)) if matches(parts[:k], pattern, recursive)), None)
+        if matches(parts, pattern, recursive) or (folder and (recursive or folder == len(parts) - 1)):
+            found.append(path)
+    return [f for f in found if is_input_image(f)], base
 
 
 def find_inputs(specs, recursive):
@@ -69,11 +93,8 @@ def find_inputs(specs, recursive):
             files = [(f, path) for f in blurdm.list_images(path, recursive) if is_input_image(f)]
             why = "no images in this folder" + ("" if recursive else " (-r looks into sub-folders)")
         elif is_pattern(spec):
-            base = Path(*itertools.takewhile(lambda part: not is_pattern(part), path.parts))
-            for match in map(Path, sorted(glob.glob(spec, recursive=recursive))):
-                inside = blurdm.list_images(match, recursive) if match.is_dir() else [match]
-                files += [(f, base) for f in inside if is_input_image(f)]
-            why = "no images match this pattern"
+            images, base = expand_pattern(spec, recursive)
+            files, why = [(f, base) for f in images], "no images match this pattern"
         if not files:
             problems.append(f"{spec}: {why}")
         found += files
@@ -84,15 +105,20 @@ def find_inputs(specs, recursive):
 
 
 def output_paths(inputs, out):
-    """Where each input's result goes: beside it, the file -o names (one input only), or mirrored under -o."""
-    if out is None:
-        return [src.with_name(f"{src.stem}{OUTPUT_TAG}.png") for src, _ in inputs]
-    out_path = Path(out)
-    if out_path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not out_path.is_dir() and not out.endswith(("/", os.sep)):
+    """Where each input's result goes: beside it, the file -o names (one input only), or mirrored under -o. Inputs
+    that differ only in their suffix (a.png, a.jpg) keep it in their output's name (a_png_deblurred.png)."""
+    if out is not None and Path(out).suffix and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
+        if Path(out).suffix.lower() not in blurdm.WRITE_SUFFIXES:
+            raise ValueError(f"-o {out}: cannot write {Path(out).suffix} images (write {', '.join(blurdm.WRITE_SUFFIXES)}"
+                             "; a folder name ends with /)")
         if len(inputs) != 1:
             raise ValueError(f"-o {out}: a file name, but there are {len(inputs)} inputs; give a folder instead")
-        return [out_path]
-    return [out_path / os.path.relpath(src.parent, base) / f"{src.stem}{OUTPUT_TAG}.png" for src, base in inputs]
+        return [Path(out)]
+    folder = lambda src, base: src.parent if out is None else Path(out) / os.path.relpath(src.parent, base)
+    stems = [folder(src, base) / src.stem for src, base in inputs]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    return [stem.with_name(f"{stem.name}{'_' + src.suffix[1:] if stem in shared else ''}{OUTPUT_TAG}.png")
+            for stem, (src, _) in zip(stems, inputs)]
 
 
 def load_model(ckpt, device_name):
@@ -100,10 +126,18 @@ def load_model(ckpt, device_name):
         raise ValueError(f"{DEFAULT_CKPT}: the default demo weights are not in this checkout; "
                          "pass --ckpt PATH to a BlurDM checkpoint (train.py writes one)")
     device = blurdm.pick_device(device_name)
-    return blurdm.BlurDM.from_checkpoint(ckpt or DEFAULT_CKPT, map_location="cpu").to(device), device
+    return blurdm.load_model(ckpt or DEFAULT_CKPT, map_location="cpu").to(device), device
 
 
-def deblur_file(model, rgb, alpha, dst, args, device, amp):
+def default_tile(model, device):
+    """1536 px on a CPU; on a GPU the largest square whose activations take at most half the free memory."""
+    if device.type != "cuda":
+        return 1536
+    bytes_per_pixel = 64 * model.cfg.width * 4  # peak activations of a MIMO-UNet forward, per pixel, in fp32
+    return 8 * int((torch.cuda.mem_get_info(device)[0] / 2 / bytes_per_pixel) ** 0.5 / 8)
+
+
+def deblur_file(model, rgb, extras, dst, args, device, amp):
     """Deblur one image (3, H, W) into the file `dst`, atomically; returns the seconds the model took."""
     gray = torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])  # a grayscale file stays grayscale
     try:
@@ -112,10 +146,12 @@ def deblur_file(model, rgb, alpha, dst, args, device, amp):
             open(tmp, "wb").close()  # an unwritable place fails here, before the image costs any time
             start = time.perf_counter()
             with amp:
-                out = model.deblur(rgb[None].to(device), seed=args.seed, tile=args.tile, overlap=args.overlap)[0]
+                out = blurdm.deblur_tiled(model, rgb.to(device), args.tile or 1 << 30, args.overlap, args.seed)
             out = out.float().cpu()  # waits for the device, so the time is the deblurring's
             seconds = time.perf_counter() - start
-            blurdm.write_image(out.mean(0, keepdim=True) if gray else out, tmp, alpha)  # no colour tint on gray
+            if not torch.isfinite(out).all():
+                raise ValueError(f"{dst}: the model's output is not finite (NaN or inf); nothing written")
+            blurdm.write_image(out.mean(0, keepdim=True) if gray else out, tmp, **extras)  # no tint on gray
     except OSError as err:
         raise OSError(f"{dst}: cannot write here ({err.strerror or err})") from None
     return seconds
@@ -127,25 +163,25 @@ def say(message, error=False):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.tile < 0 or args.overlap < 0 or not 0 <= args.seed < 2 ** 63:
-        parser.error("--tile and --overlap cannot be negative, and --seed takes 0 to 2^63 - 1")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error("--seed takes 0 to 2^63 - 1")
     warnings.filterwarnings("ignore", message="Image size .* exceeds limit")  # up to 2x Pillow's limit: --tile copes
     try:
         inputs, problems = find_inputs(args.inputs, args.recursive)
         outputs = output_paths(inputs, args.out)
         model, device = load_model(args.ckpt, args.device)
+        args.tile = default_tile(model, device) if args.tile is None else args.tile
+        if args.tile:
+            blurdm.check_tiling(args.tile, args.overlap)
     except (ValueError, OSError) as err:
         say(str(err), error=True)
         return 1
     amp, precision, note = blurdm.autocast(device, args.amp)
     say(f"{args.ckpt or DEFAULT_CKPT} on {device}, {precision} | {len(inputs)} image{'s' * (len(inputs) != 1)}")
-    if note:
-        say(note)
-    for problem in problems:
-        say(problem, error=True)
+    for line in [note] * bool(note) + [f"{p}" for p in problems]:
+        say(line, error=line != note)
 
     input_paths = {src.resolve() for src, _ in inputs}
-    claimed = {}  # output -> the input that writes it; claimed only once the input has been read
     skipped, failed, seconds = 0, len(problems), []  # seconds: one entry per image written
     bar = tqdm(list(zip(inputs, outputs)), unit="image", disable=len(inputs) < 2, file=sys.stderr, dynamic_ncols=True)
     for i, ((src, _), dst) in enumerate(bar, 1):
@@ -153,16 +189,14 @@ def main(argv=None):
         try:
             if dst.resolve() in input_paths:
                 raise ValueError(f"{src}: its output {dst} is an input; refusing to overwrite it")
-            if dst.resolve() in claimed:
-                raise ValueError(f"{src}: would write the same output as {claimed[dst.resolve()]} ({dst}); "
-                                 "deblur it separately with its own -o")
             if dst.exists() and not args.force:
                 skipped += 1
                 say(f"{tag}: {dst} exists; skipped (--force overwrites it)")
                 continue
-            rgb, alpha = blurdm.read_image(src, with_alpha=True)
-            claimed[dst.resolve()] = src  # only now: a file that cannot be read blocks no other input's output
-            took = deblur_file(model, rgb, alpha, dst, args, device, amp)
+            rgb, extras = blurdm.read_image(src, extras=True)
+            if extras["alpha"] is not None and dst.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
+                say(f"{tag}: {dst.suffix} has no alpha channel; the transparency is dropped")
+            took = deblur_file(model, rgb, extras, dst, args, device, amp)
         except (ValueError, OSError) as err:
             failed += 1
             say(str(err), error=True)
@@ -185,7 +219,12 @@ def main(argv=None):
     return 1 if failed else 0
 
 
+def interrupted(signum, frame):  # SIGTERM as Ctrl-C: the temp file of the image in progress is removed
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         sys.exit(main())
     except KeyboardInterrupt:

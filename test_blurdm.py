@@ -6,6 +6,7 @@ resume, DDP, evaluation, faults) and sample.py (inputs, outputs, tiling, errors)
 Run: python -m pytest -q test_blurdm.py
 """
 
+import argparse
 import csv
 import gc
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from PIL import Image
 import blurdm
 import sample
 import train
-from blurdm import BlurDM, BlurDMConfig
+from blurdm import BlurDiffusion, BlurDM, BlurDMConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 ASSETS = Path(__file__).parent / "assets"
@@ -107,7 +109,7 @@ def test_timesteps_are_1_to_T_and_the_chain_visits_T_down_to_1():
 
 def test_alpha_starting_at_zero_is_refused():
     with pytest.raises(ValueError, match="divides"):
-        BlurDMConfig(alpha_start=0.0)
+        blurdm.check_config({"alpha_start": 0.0})
 
 
 # ------------------------------------------------------------------------------------------ blur formation (§1)
@@ -333,10 +335,10 @@ def test_tiled_deblur_matches_the_untiled_one_with_one_prior_for_the_whole_image
     priors = []
     blur_prior = model.blur_prior
     monkeypatch.setattr(model, "blur_prior", lambda *a: priors.append(a[0].shape) or blur_prior(*a))
-    tiled = blurdm.to_uint8(model.deblur(x, tile=136, overlap=64)).int()
+    tiled = blurdm.to_uint8(blurdm.deblur_tiled(model, x, tile=136, overlap=64)).int()
     assert priors == [(1, 3, 144, 208)]  # one prior, from the whole (padded) image
     assert tiled.shape == whole.shape and (tiled - whole).abs().max() <= 3 and (tiled - whole).abs().float().mean() < 0.1
-    seams = blurdm.to_uint8(model.deblur(x, tile=64, overlap=0)).int()
+    seams = blurdm.to_uint8(blurdm.deblur_tiled(model, x, tile=64, overlap=0)).int()
     assert (seams - whole).abs().max() > 50
 
 
@@ -368,7 +370,7 @@ def test_the_prior_plugs_into_a_foreign_backbone_and_trains_through_the_three_st
         optimizer = torch.optim.Adam(parameters, lr=1e-3)
         losses = []
         for _ in range(30):
-            loss = model.loss(blurry, sharp, stage)
+            loss = model(blurry, sharp, stage)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -377,8 +379,8 @@ def test_the_prior_plugs_into_a_foreign_backbone_and_trains_through_the_three_st
         changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
         assert changed == {1: {"sharp_encoder", "deblurrer"}, 2: {"blur_encoder", "blur_estimator", "noise_estimator"},
                            3: {"blur_encoder", "blur_estimator", "noise_estimator", "deblurrer"}}[stage]
-    model.save(tmp_path / "foreign.pt")
-    loaded = BlurDM.from_checkpoint(tmp_path / "foreign.pt", deblurrer=ForeignBackbone(cfg.latent_dim))
+    blurdm.save_checkpoint(tmp_path / "foreign.pt", model)
+    loaded = blurdm.load_model(tmp_path / "foreign.pt", deblurrer=ForeignBackbone(cfg.latent_dim))
     assert torch.equal(loaded.deblur(blurry), model.deblur(blurry))
 
 
@@ -389,7 +391,7 @@ def test_the_model_runs_forward_and_backward_in_float64(photo):
     assert model.deblur(blurry).dtype == torch.float64
     for stage in (2, 3):
         model.set_stage(stage)
-        loss = model.loss(blurry, sharp, stage)
+        loss = model(blurry, sharp, stage)
         loss.backward()
         assert loss.dtype == torch.float64 and all(p.grad.dtype == torch.float64 for p in model.parameters()
                                                    if p.grad is not None)
@@ -408,7 +410,7 @@ def test_stage_1_loss_falls_when_overfitting_one_pair(photo):
     optimizer = torch.optim.Adam(model.set_stage(1), lr=5e-3)
     losses = []
     for _ in range(100):
-        loss = model.loss(blurry, sharp, stage=1)
+        loss = model(blurry, sharp, stage=1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -426,7 +428,7 @@ def test_each_stage_trains_only_its_own_parts():
     for stage, parts in trained.items():
         model.zero_grad(set_to_none=True)
         params = model.set_stage(stage)
-        model.loss(blur, sharp, stage).backward()
+        model(blur, sharp, stage).backward()
         with_grad = {name for name, m in model.named_children()
                      if any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())}
         assert with_grad == parts, stage
@@ -435,15 +437,17 @@ def test_each_stage_trains_only_its_own_parts():
     assert not model.sharp_encoder.training and model.blur_encoder.training  # SE frozen with its BN statistics
 
 
-def test_stage_2_returns_the_chain_prior_and_the_sharp_encoder_target():
+def test_stage_2_loss_is_l1_between_the_chain_prior_and_the_frozen_sharp_encoder_latent():
     model = BlurDM(BlurDMConfig.preset("tiny"))
     blur, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     model.set_stage(2)
-    torch.manual_seed(0)  # the same start noise ε for both calls
-    prior, target = model(blur, sharp, stage=2)
-    assert prior.shape == target.shape == (2, 32) and prior.requires_grad and not target.requires_grad
-    torch.manual_seed(0)
-    assert model.loss(blur, sharp, 2).item() == pytest.approx(F.l1_loss(prior, target).item(), rel=1e-6)
+    eps = torch.randn(2, 32)
+    prior, target = model.blur_prior(blur, eps), model.sharp_latent(blur, sharp)
+    assert prior.shape == target.shape == (2, 32)
+    loss = model(blur, sharp, 2, eps=eps)
+    assert loss.item() == pytest.approx(F.l1_loss(prior, target).item(), rel=1e-6)
+    loss.backward()
+    assert model.sharp_encoder.stem[0].weight.grad is None and model.blur_encoder.stem[0].weight.grad is not None
 
 
 def test_deblur_loss_is_charbonnier_plus_a_tenth_of_the_2d_fft_charbonnier():
@@ -471,7 +475,7 @@ def test_baseline_without_prior_trains_the_deblurrer_only():
     assert [name for name, _ in model.named_children()] == ["deblurrer"]
     assert model.deblurrer.prior_fusion is None
     params = model.set_stage(1)
-    model.loss(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)).backward()
+    model(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)).backward()
     assert all(p.grad is not None for p in params)
 
 
@@ -480,10 +484,10 @@ def test_baseline_without_prior_trains_the_deblurrer_only():
 
 def test_save_and_from_checkpoint_give_identical_outputs(tmp_path, tiny):
     path = tmp_path / "tiny.pt"
-    tiny.save(path, step=12)
+    blurdm.save_checkpoint(path, tiny, step=12)
     assert not list(tmp_path.glob("*.tmp*"))
-    loaded = BlurDM.from_checkpoint(path)
-    assert loaded.cfg == tiny.cfg and blurdm.load_checkpoint(path)["step"] == 12
+    loaded = blurdm.load_model(path)
+    assert loaded.cfg == tiny.cfg and _checkpoint(path)["step"] == 12
     x = torch.rand(1, 3, 24, 40)
     assert torch.equal(loaded.deblur(x), tiny.deblur(x))
 
@@ -498,7 +502,7 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     torch.save({"format": "blurdm", "config": {}, "model": RunsCode()}, path)
     with pytest.raises(blurdm.CheckpointError, match="evil.pt: refused"):
-        BlurDM.from_checkpoint(path)
+        blurdm.load_model(path)
     assert not (tmp_path / "pwned.txt").exists()
 
 
@@ -508,27 +512,34 @@ def test_files_that_are_not_checkpoints_give_one_line_errors(tmp_path, tiny):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     checkpoint = {"format": "blurdm", "config": {"width": 8, "colour": "red"}, "model": {}}
     torch.save(checkpoint, tmp_path / "future.pt")
-    cases = {"text.pt": "not a PyTorch checkpoint", "words.pt": "not a PyTorch checkpoint", "other.pt": "not a BlurDM checkpoint",
+    cases = {"text.pt": "not a PyTorch checkpoint", "words.pt": "not a PyTorch checkpoint", "other.pt": "not a checkpoint of a known kind",
              "future.pt": "unknown config fields colour", "missing.pt": "no such checkpoint"}
     for name, message in cases.items():
         with pytest.raises(blurdm.CheckpointError) as err:
-            BlurDM.from_checkpoint(tmp_path / name)
+            blurdm.load_model(tmp_path / name)
         assert str(tmp_path / name) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_checkpoint_from_another_config_is_refused(tmp_path, tiny):
-    tiny.save(tmp_path / "tiny.pt")
-    other = BlurDM(BlurDMConfig.preset("tiny", width=16, beta_bar_rule="official"))
-    with pytest.raises(blurdm.CheckpointError, match=r"another config \(width 8 vs 16, beta_bar_rule 'paper' vs"):
-        other.load_weights(blurdm.load_checkpoint(tmp_path / "tiny.pt"), tmp_path / "tiny.pt")
-    recipe_only = BlurDM(BlurDMConfig.preset("tiny", lr=0.5, crop=32))  # the training recipe may differ
-    recipe_only.load_weights(blurdm.load_checkpoint(tmp_path / "tiny.pt"))
+def test_weights_that_do_not_fit_the_model_name_the_first_key_and_both_shapes(tmp_path, tiny):
+    blurdm.save_checkpoint(tmp_path / "tiny.pt", tiny)
+    _, state, _ = blurdm.read_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(blurdm.CheckpointError, match=r"tiny.pt: weight deblurrer.stem.0.weight is \(8, 3, 3, 3\) in the "
+                                                     r"file but \(16, 3, 3, 3\) in the model"):
+        blurdm.load_weights(BlurDM(BlurDMConfig.preset("tiny", width=16)), state, tmp_path / "tiny.pt")
+    config = {**blurdm.asdict(tiny.cfg), "num_res": 2}  # a config that does not describe its own weights
+    torch.save({"format": "blurdm", "config": config, "model": state}, tmp_path / "liar.pt")
+    with pytest.raises(blurdm.CheckpointError, match="liar.pt: weight deblurrer.encoders.0.1.body.0.0.weight .* is "
+                                                     "missing from the file"):
+        blurdm.load_model(tmp_path / "liar.pt")
+    blurdm.save_checkpoint(tmp_path / "foreign.pt", BlurDM(tiny.cfg, deblurrer=ForeignBackbone(tiny.cfg.latent_dim)))
+    with pytest.raises(blurdm.CheckpointError, match="foreign.pt: saved with the custom deblurrer ForeignBackbone"):
+        blurdm.load_model(tmp_path / "foreign.pt")
 
 
 def test_fp16_weights_load_into_a_float32_model(tmp_path, tiny):
     state = {k: v.half() if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
     torch.save({"format": "blurdm", "config": blurdm.asdict(tiny.cfg), "model": state}, tmp_path / "half.pt")
-    loaded = BlurDM.from_checkpoint(tmp_path / "half.pt")
+    loaded = blurdm.load_model(tmp_path / "half.pt")
     assert next(loaded.parameters()).dtype == torch.float32
     x = torch.rand(1, 3, 16, 16)
     assert (loaded.deblur(x) - tiny.deblur(x)).abs().max() < 0.02
@@ -536,7 +547,7 @@ def test_fp16_weights_load_into_a_float32_model(tmp_path, tiny):
 
 def test_a_checkpoint_with_a_bad_config_none_for_weights_or_nan_weights_is_refused(tmp_path, tiny):
     good = blurdm.asdict(tiny.cfg)
-    cases = {"negative": ({**good, "width": -4}, "width must be in [1, 512]"),
+    cases = {"negative": ({**good, "width": -4}, "width must be in [4, 1024]"),
              "text": ({**good, "width": "16"}, "width must be int"), "fraction": ({**good, "width": 16.5}, "width must be int"),
              "huge": ({**good, "width": 10 ** 6}, "width must be in"), "flag": ({**good, "prior": 1}, "prior must be bool")}
     for name, (config, message) in cases.items():
@@ -549,8 +560,134 @@ def test_a_checkpoint_with_a_bad_config_none_for_weights_or_nan_weights_is_refus
     cases["nan"] = (None, "weight deblurrer.stem.0.weight is not finite")
     for name, (_, message) in cases.items():
         with pytest.raises(blurdm.CheckpointError) as err:
-            BlurDM.from_checkpoint(tmp_path / f"{name}.pt")
+            blurdm.load_model(tmp_path / f"{name}.pt")
         assert str(err.value).startswith(str(tmp_path / f"{name}.pt")) and message in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ published weights
+
+OFFICIAL = json.loads((ASSETS / "official_keys.json").read_text())  # key names and shapes of the original code
+SCHEDULE_BUFFERS = ("alphas", "betas_bar", "time_stamps_list")  # the official diffusion's, checked and dropped
+
+
+def randomised(model):
+    """Every weight and BatchNorm statistic random, so that a misplaced tensor shows."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand(value.shape, generator=g) * (1 if "running_var" in name else 0.2) + 0.01)
+    return model
+
+
+def in_official_names(model, num_res):
+    """This model's weights under the original code's names: (deblurrer, diffusion, sharp encoder) state dicts."""
+    ours = model.state_dict()
+    names = blurdm.mimo_unet_names(num_res) | (blurdm.official_prior_names(model.cfg) if model.cfg.prior else {})
+    theirs = {t: ours[o] for t, o in names.items() if o in ours}
+    deblur = {k: v for k, v in theirs.items() if k[0].isupper() or k.startswith(("feat_extract", "SCM", "FAM"))}
+    dm = {k: v for k, v in theirs.items() if k.startswith(("lcr_model", "noise_model", "condition_encoder"))}
+    return deblur, dm, {k.removeprefix("le."): v for k, v in theirs.items() if k.startswith("le.")}
+
+
+def test_every_key_of_the_original_code_maps_to_a_weight_of_its_shape_and_covers_the_model():
+    for fixture, preset, num_res in (("mimo_unet", "mimo-unet", 8), ("mimo_unet_plus", "paper", 20)):
+        names = blurdm.mimo_unet_names(num_res)
+        with torch.device("meta"):
+            own = BlurDM(BlurDMConfig.preset(preset, prior=False)).state_dict()
+        assert {names[key]: tuple(shape) for key, shape in OFFICIAL[fixture]} == {k: tuple(v.shape) for k, v in own.items()}
+    cfg = BlurDMConfig.preset("paper")
+    names = blurdm.mimo_unet_names(20) | blurdm.official_prior_names(cfg)
+    with torch.device("meta"):
+        own = BlurDM(cfg).state_dict()
+    stored = [(k, s) for k, s in OFFICIAL["blurdm_deblur"] + OFFICIAL["blurdm_dm"] if k not in SCHEDULE_BUFFERS]
+    stored += [("le." + k, s) for k, s in OFFICIAL["blurdm_le"]]
+    assert {names[key]: tuple(shape) for key, shape in stored} == {k: tuple(v.shape) for k, v in own.items()}
+
+
+def test_mimo_unet_files_load_bit_exact_as_the_backbone_on_images_in_0_1(tmp_path):
+    model = randomised(BlurDM(BlurDMConfig.preset("paper", prior=False)))
+    deblur, _, _ = in_official_names(model, 20)
+    torch.save({"model": deblur}, tmp_path / "MIMO-UNetPlus.pkl")  # as published
+    torch.save({"model": {"module." + k: v for k, v in deblur.items()}, "optimizer": {"state": {}}, "epoch": 3000},
+               tmp_path / "model.pkl")  # a training state, as its train.py writes it (and one DataParallel copy)
+    for name in ("MIMO-UNetPlus.pkl", "model.pkl"):
+        loaded = blurdm.load_model(tmp_path / name)
+        assert loaded.cfg == BlurDMConfig.preset("paper", prior=False, input_offset=0.0)  # MIMO-UNet+: 20 blocks
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    broken = {**deblur, "Encoder.0.layers.0.main.0.main.0.weight": torch.zeros(32, 32, 1, 1)}
+    torch.save({"model": broken}, tmp_path / "shape.pkl")
+    torch.save({"model": {**deblur, "Extra.weight": torch.zeros(1)}}, tmp_path / "extra.pkl")
+    for name, message in (("shape.pkl", "weight Encoder.0.layers.0.main.0.main.0.weight is torch.Size([32, 32, 1, 1]), "
+                                        "not (32, 32, 3, 3)"), ("extra.pkl", "weight Extra.weight is not one of")):
+        with pytest.raises(blurdm.CheckpointError, match=re.escape(f"{tmp_path / name}: {message}")):
+            blurdm.load_model(tmp_path / name)
+
+
+def test_a_mimo_unet_model_feeds_its_network_the_unshifted_image_and_returns_the_networks_output(tmp_path):
+    backbone = kaiming(BlurDM(BlurDMConfig.preset("tiny", prior=False)))
+    torch.save({"model": in_official_names(backbone, 1)[0]}, tmp_path / "small.pkl")
+    model = blurdm.load_model(tmp_path / "small.pkl")
+    seen = []
+    model.deblurrer.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output[-1])))
+    x = torch.rand(1, 3, 32, 40)
+    out = model.deblur(x)
+    assert torch.equal(seen[0][0], x)  # [0, 1], as MIMO-UNet's eval.py feeds it
+    assert torch.equal(out, seen[0][1].clamp(0, 1)) and not torch.equal(out, x)
+
+
+def test_official_blurdm_files_load_bit_exact_with_the_official_schedule_and_prior_loss(tmp_path):
+    cfg = BlurDMConfig.preset("paper", beta_bar_rule="official", prior_loss="charbonnier")
+    model = randomised(BlurDM(cfg))
+    deblur, dm, le = in_official_names(model, 20)
+    d = model.diffusion
+    buffers = {"alphas": d.alpha, "betas_bar": d.beta_bar[1:], "time_stamps_list": torch.arange(5, 0, -1)}
+    args = argparse.Namespace(model_name="MIMOUNetBlurDM", device=torch.device("cpu"), best_psnr=31.5)
+    torch.save({"epoch": 3000, "model_state": deblur, "model_dm_state": {**buffers, **dm}, "optimizer_state": {},
+                "args": args}, tmp_path / "last_MIMOUNetBlurDM.pth")  # stage 3's training state: no sharp encoder
+    for name, part in (("deblur", {"model_state": deblur}), ("dm", {"model_dm_state": {**buffers, **dm}}),
+                       ("le", {"model_le_state": le})):
+        torch.save({**part, "args": args}, tmp_path / f"final_{name}_MIMOUNetBlurDM.pth")
+    own = model.state_dict()
+    for name in ("last_MIMOUNetBlurDM.pth", "final_deblur_MIMOUNetBlurDM.pth", "final_dm_MIMOUNetBlurDM.pth"):
+        loaded = blurdm.load_model(tmp_path / name)
+        assert loaded.cfg == cfg
+        assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items()
+                   if name != "last_MIMOUNetBlurDM.pth" or not k.startswith("sharp_encoder."))
+    paper = {**buffers, "betas_bar": BlurDiffusion(BlurDMConfig()).beta_bar[1:]}  # another schedule: refused
+    torch.save({"model_state": deblur, "model_dm_state": {**paper, **dm}, "args": args}, tmp_path / "other.pth")
+    with pytest.raises(blurdm.CheckpointError, match="other.pth: schedule betas_bar .* is not the official one"):
+        blurdm.load_model(tmp_path / "other.pth")
+    (tmp_path / "final_dm_MIMOUNetBlurDM.pth").unlink()
+    with pytest.raises(blurdm.CheckpointError, match="final_deblur_MIMOUNetBlurDM.pth: a stage-1 file"):
+        blurdm.load_model(tmp_path / "final_deblur_MIMOUNetBlurDM.pth")
+
+
+def test_a_prior_added_to_a_published_backbone_starts_at_the_backbones_own_output(tmp_path, photo, capsys):
+    backbone = kaiming(BlurDM(BlurDMConfig.preset("tiny", prior=False, input_offset=0.0)))
+    torch.save({"model": in_official_names(backbone, 1)[0]}, tmp_path / "MIMO-UNet.pkl")
+    cfg, state, _ = blurdm.read_checkpoint(tmp_path / "MIMO-UNet.pkl")
+    model = BlurDM(replace(cfg, prior=True, fusion_residual=True))
+    blurdm.load_weights(model, state, "MIMO-UNet.pkl", optional=blurdm.PRIOR_PARTS)
+    blur, sharp = photo[..., :32, :48], photo[..., 32:64, :48]
+    for prior in (model.sharp_latent(blur, sharp), model.blur_prior(blur)):
+        assert torch.equal(model.restore(blur, prior)[-1], backbone.restore(blur, None)[-1])
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "1,0,0", "--init",
+                   tmp_path / "MIMO-UNet.pkl"]) == 0
+    assert "a backbone: the prior networks are new, their fusion starts as the identity" in capsys.readouterr().out
+    trained = _checkpoint(tmp_path / "out" / "stage1.pt")["config"]
+    assert trained["prior"] and trained["fusion_residual"] and trained["input_offset"] == 0.0  # kept for fine-tuning
+
+
+def test_the_exported_program_matches_deblur_at_any_size_without_this_module(tmp_path):
+    model = kaiming(untrained())
+    blurdm.export_program(model, tmp_path / "tiny.pt2")
+    program = torch.export.load(tmp_path / "tiny.pt2").module()  # torch alone: no class of this module inside
+    for shape in ((1, 3, 37, 53), (2, 3, 64, 80)):
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert (program(x) - model.deblur(x)).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ metrics (§6)
@@ -617,7 +754,8 @@ def test_read_image_converts_modes_and_names_bad_files(tmp_path):
     x = blurdm.read_image(tmp_path / "gray16.png")
     assert x.shape == (3, 5, 6) and x.max().item() == pytest.approx(0.5, abs=1e-4)
     Image.new("RGBA", (4, 3), (255, 0, 0, 128)).save(tmp_path / "rgba.png")
-    rgb, alpha = blurdm.read_image(tmp_path / "rgba.png", with_alpha=True)
+    rgb, extras = blurdm.read_image(tmp_path / "rgba.png", extras=True)
+    alpha = extras["alpha"]
     assert rgb.shape == (3, 3, 4) and alpha.shape == (1, 3, 4) and alpha.max().item() == pytest.approx(128 / 255)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("not an image")
@@ -625,8 +763,8 @@ def test_read_image_converts_modes_and_names_bad_files(tmp_path):
         with pytest.raises(ValueError, match=name):
             blurdm.read_image(tmp_path / name)
     blurdm.write_image(rgb, tmp_path / "out.png", alpha)
-    back, back_alpha = blurdm.read_image(tmp_path / "out.png", with_alpha=True)
-    assert torch.equal(blurdm.to_uint8(back), blurdm.to_uint8(rgb)) and torch.allclose(back_alpha, alpha)
+    back, extras = blurdm.read_image(tmp_path / "out.png", extras=True)
+    assert torch.equal(blurdm.to_uint8(back), blurdm.to_uint8(rgb)) and torch.allclose(extras["alpha"], alpha)
 
 
 # ==============================================================================================================
@@ -813,14 +951,18 @@ def _error_line(stderr):
     return lines[0]
 
 
+def _checkpoint(path):
+    return blurdm.read_checkpoint(path)[2]
+
+
 def _weights(path):
-    return blurdm.load_checkpoint(path)["model"]
+    return _checkpoint(path)["model"]
 
 
 def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded_by_the_step(tmp_path):
     sharp = _png(tmp_path / "s.png", 1, size=(48, 56))
     Image.fromarray(255 - sharp).save(tmp_path / "b.png")  # blur = 1 - sharp, a relation any shared transform keeps
-    dataset = train.PairDataset([(str(tmp_path / "b.png"), str(tmp_path / "s.png"))], 32, (0, 0), seed=5)
+    dataset = blurdm.PairDataset([(str(tmp_path / "b.png"), str(tmp_path / "s.png"))], 32, (0, 0), seed=5)
     seen = set()
     for step in range(12):
         blur, sharp_crop = dataset[(1, step, 0)]
@@ -834,7 +976,7 @@ def test_train_augmentation_moves_blur_and_sharp_together_and_is_seeded_by_the_s
 def test_train_reuse_serves_one_rendered_crop_for_that_many_steps_each_time_turned_or_flipped(tmp_path):
     _png(tmp_path / "photo.png", 3, size=(96, 96))
     pairs = [(None, str(tmp_path / "photo.png"))]
-    dataset = train.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)
+    dataset = blurdm.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)
 
     def symmetries(x):  # the 8 turns and flips of a square image
         return [torch.rot90(f, r, (-2, -1)) for f in (x, x.flip(-1)) for r in range(4)]
@@ -845,7 +987,7 @@ def test_train_reuse_serves_one_rendered_crop_for_that_many_steps_each_time_turn
         assert all(any(torch.equal(torch.stack(samples[s]), f) for f in first) for s in group)  # the same crop
         assert not all(torch.equal(torch.stack(samples[s]), torch.stack(samples[group[0]])) for s in group)  # turned
     assert not any(torch.equal(torch.stack(samples[4]), f) for f in symmetries(torch.stack(samples[0])))  # a new one
-    fresh = train.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)  # a resumed run, mid-group: the same samples
+    fresh = blurdm.PairDataset(pairs, 32, (10.0, 10.0), seed=0, reuse=4)  # a resumed run, mid-group: the same samples
     assert all(torch.equal(a, b) for a, b in zip(fresh[(3, 6, 0)], samples[6]))
 
 
@@ -853,7 +995,7 @@ def test_train_photographs_get_a_synthetic_blur_of_the_same_crop_as_long_as_blur
     _png(tmp_path / "photo.png", 3, size=(96, 96))
     pairs, change = [(None, str(tmp_path / "photo.png"))], {}
     for length in ((0.0, 0.0), (30.0, 30.0)):
-        dataset = train.PairDataset(pairs, 32, length, seed=0)
+        dataset = blurdm.PairDataset(pairs, 32, length, seed=0)
         samples = [dataset[(1, step, 0)] for step in range(4)]
         assert all(torch.equal((b * 255).round() / 255, b) for b, _ in samples)  # 8-bit, as a saved photo
         change[length] = sum((b - s).abs().mean().item() for b, s in samples) / 4
@@ -867,7 +1009,7 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
     stdout = capsys.readouterr().out
     assert "2 test pairs, 6 train pairs" in stdout
     assert stdout.strip().splitlines()[-1] == f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {out / 'best.pt'}"
-    last = blurdm.load_checkpoint(out / "last.pt")
+    last = _checkpoint(out / "last.pt")
     assert (last["stage"], last["step"]) == (3, 2) and last["config"]["prior"] is True
     # each stage trains its own parts only (METHOD.md §5); the frozen sharp encoder keeps its BatchNorm statistics
     w1, w2, w3 = (_weights(out / f"stage{s}.pt") for s in (1, 2, 3))
@@ -879,7 +1021,7 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
     assert [(r["stage"], r["step"]) for r in log if "loss" in r] == [(1, 1), (1, 2), (2, 1), (3, 1), (3, 2)]
     assert all(r["step_ms"] >= r["data_ms"] >= 0 for r in log if "loss" in r)
     assert sum("val_psnr" in r for r in log) == 5
-    restored = blurdm.BlurDM.from_checkpoint(out / "best.pt").deblur(torch.rand(1, 3, 37, 53))  # as sample.py loads it
+    restored = blurdm.load_model(out / "best.pt").deblur(torch.rand(1, 3, 37, 53))  # as sample.py loads it
     assert restored.shape == (1, 3, 37, 53) and torch.isfinite(restored).all()
     assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
     rerun = capsys.readouterr().out
@@ -896,7 +1038,7 @@ def test_train_later_stages_start_from_init_and_no_prior_trains_the_baseline(tmp
     stage1, stage2 = _weights(tmp_path / "a" / "stage1.pt"), _weights(tmp_path / "b" / "stage2.pt")
     assert all(torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("deblurrer."))
     assert _train(["--data", data, "--out", tmp_path / "c", *_FAST, "--no-prior", "--iters", "1"]) == 0
-    baseline = blurdm.load_checkpoint(tmp_path / "c" / "last.pt")
+    baseline = _checkpoint(tmp_path / "c" / "last.pt")
     assert baseline["config"]["prior"] is False and (baseline["stage"], baseline["step"]) == (3, 1)
     assert not any(k.startswith(("sharp_encoder", "blur_encoder")) for k in baseline["model"])
 
@@ -905,22 +1047,22 @@ def test_train_a_run_stopped_in_stage_2_or_3_and_resumed_ends_bit_identical(tmp_
     data = _gopro(tmp_path / "gopro")
     args = ["--data", data, *_FAST, "--iters", "3,6,6", "--val-every", "0", "--save-every", "1000"]
     assert _train([*args, "--out", tmp_path / "straight"]) == 0
-    straight = blurdm.load_checkpoint(tmp_path / "straight" / "last.pt")
+    straight = _checkpoint(tmp_path / "straight" / "last.pt")
     moments = lambda c: [t for state in c["optimizer"]["state"].values() for t in state.values()]
-    load = train.PairDataset.__getitem__
+    load = blurdm.PairDataset.__getitem__
     for stop_stage in (2, 3):  # the same command, sent SIGTERM while loading step 3 of that stage, then rerun
         def getitem(self, item):
             if item == (stop_stage, 3, 0):
                 os.kill(os.getpid(), signal.SIGTERM)
             return load(self, item)
-        monkeypatch.setattr(train.PairDataset, "__getitem__", getitem)
+        monkeypatch.setattr(blurdm.PairDataset, "__getitem__", getitem)
         out = tmp_path / f"stopped{stop_stage}"
         assert _train([*args, "--out", out]) == 128 + signal.SIGTERM
         assert f"stopped at stage {stop_stage} step 4; saved" in capsys.readouterr().out
-        monkeypatch.setattr(train.PairDataset, "__getitem__", load)
+        monkeypatch.setattr(blurdm.PairDataset, "__getitem__", load)
         assert _train([*args, "--out", out]) == 0
         assert f"resuming stage {stop_stage} at step 4" in capsys.readouterr().out
-        resumed = blurdm.load_checkpoint(out / "last.pt")
+        resumed = _checkpoint(out / "last.pt")
         assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
         assert len(moments(straight)) > 0
         assert all(torch.equal(a, b) for a, b in zip(moments(resumed), moments(straight), strict=True))
@@ -959,7 +1101,7 @@ def test_train_two_gloo_processes_agree_with_one_process_on_the_same_global_batc
 
 def test_train_eval_only_scores_every_test_image_as_the_tables_do(tmp_path, capsys, tiny):
     data = _gopro(tmp_path / "gopro")
-    tiny.save(tmp_path / "model.pt")
+    blurdm.save_checkpoint(tmp_path / "model.pt", tiny)
     assert _train(["--data", data, "--eval-only", "--init", tmp_path / "model.pt", "--out", tmp_path / "eval"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
     splits, _ = blurdm.find_pairs(data)
@@ -1011,7 +1153,7 @@ def test_train_truncated_images_are_skipped_with_a_warning_and_one_line_when_non
     truncated.write_bytes(truncated.read_bytes()[:100])
     assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "10,0,0"]) == 0
     assert capsys.readouterr().out.count(f"warning: {truncated}: not a readable image") == 1  # however often drawn
-    assert blurdm.load_checkpoint(tmp_path / "out" / "last.pt")["step"] == 10
+    assert _checkpoint(tmp_path / "out" / "last.pt")["step"] == 10
     for png in (data / "train").rglob("blur/*.png"):  # nothing usable left: one line, exit 1
         png.write_bytes(b"garbage")
     assert _train(["--data", data, "--out", tmp_path / "out2", *_FAST, "--iters", "1"]) == 1
@@ -1024,7 +1166,7 @@ def test_train_a_crash_with_data_workers_running_exits_at_once_with_one_line(tmp
     data = _gopro(tmp_path / "gopro")
     crash = ("import sys, train, blurdm\n"
              "def boom(*a, **k): raise RuntimeError('DefaultCPUAllocator: can\\'t allocate memory: you tried 9 GB')\n"
-             "blurdm.BlurDM.loss = boom\n"
+             "blurdm.BlurDM.forward = boom\n"
              f"sys.exit(train.cli(sys.argv[1:]))\n")
     start = time.time()
     result = subprocess.run([sys.executable, "-c", crash, "--data", str(data), "--out", str(tmp_path / "out"), *_FAST,
@@ -1037,7 +1179,7 @@ def test_train_a_crash_with_data_workers_running_exits_at_once_with_one_line(tmp
     assert "none of the 6 training pairs can be used" in _error_line(capsys.readouterr().err)
     # its DataLoader was shut down before its workers were killed, not left to a later garbage collection (whose
     # shutdown cannot reach the workers any more, and waits for ever on a lock that a killed worker held)
-    assert not [o for o in gc.get_objects() if type(o) is torch.utils.data.dataloader._MultiProcessingDataLoaderIter]
+    assert not [o for o in gc.get_objects() if type(o) is torch.utils.data.DataLoader]
 
 
 def test_train_the_paper_preset_on_a_cpu_says_which_preset_fits(tmp_path, capsys):
@@ -1099,7 +1241,7 @@ def _sample_run(argv, capsys):
 
 def _sample_expected(ckpt, src, **kwargs):
     """What the model itself gives for an image file, (H, W, 3) uint8 as a PNG stores it."""
-    model = blurdm.BlurDM.from_checkpoint(ckpt)
+    model = blurdm.load_model(ckpt)
     return blurdm.to_uint8(model.deblur(blurdm.read_image(src)[None], **kwargs)[0]).permute(1, 2, 0).numpy()
 
 
@@ -1107,7 +1249,7 @@ def _sample_expected(ckpt, src, **kwargs):
 def sample_strong_ckpt(tmp_path_factory):
     """A tiny model that really changes an image (see kaiming), as a checkpoint file."""
     path = tmp_path_factory.mktemp("ckpt") / "strong.pt"
-    kaiming(blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny"))).save(path)
+    blurdm.save_checkpoint(path, kaiming(blurdm.BlurDM(blurdm.BlurDMConfig.preset("tiny"))))
     return path
 
 
@@ -1256,9 +1398,17 @@ def test_sample_never_overwrites_an_input_and_skips_existing_outputs_unless_forc
     assert code == 0 and "done: 1 written, 0 skipped, 0 failed" in out  # named twice: deblurred once
     assert _sample_read(out_file).shape == (24, 40, 3)
 
-    _sample_save(tmp_path / "a.jpg")  # a.png and a.jpg both want a_deblurred.png: the second is refused
-    code, out, err = _sample_run([src, tmp_path / "a.jpg", "--force", "--ckpt", sample_strong_ckpt], capsys)
-    assert code == 1 and "a.jpg: would write the same output as" in err and "1 written" in out
+
+
+def test_sample_inputs_that_differ_only_in_suffix_keep_it_in_their_output_names_and_a_rerun_skips_both(
+        tmp_path, sample_strong_ckpt, capsys):
+    png, jpg = _sample_save(tmp_path / "plain.png"), _sample_save(tmp_path / "plain.jpg", seed=1)
+    code, out, _ = _sample_run([tmp_path, "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "done: 2 written" in out and not (tmp_path / "plain_deblurred.png").exists()
+    for src, name in ((png, "plain_png_deblurred.png"), (jpg, "plain_jpg_deblurred.png")):
+        assert np.array_equal(_sample_read(tmp_path / name), _sample_expected(sample_strong_ckpt, src))
+    code, out, _ = _sample_run([tmp_path, "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "done: 0 written, 2 skipped" in out
 
 
 def test_sample_corrupt_image_does_not_block_a_good_one_with_the_same_output_name(tmp_path, sample_strong_ckpt,
@@ -1269,7 +1419,7 @@ def test_sample_corrupt_image_does_not_block_a_good_one_with_the_same_output_nam
     code, out, err = _sample_run([d, "--ckpt", sample_strong_ckpt], capsys)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 1 and len(errors) == 1 and "x.jpg: not a readable image" in errors[0]
-    assert np.array_equal(_sample_read(d / "x_deblurred.png"), _sample_expected(sample_strong_ckpt, good))
+    assert np.array_equal(_sample_read(d / "x_png_deblurred.png"), _sample_expected(sample_strong_ckpt, good))
     assert "done: 1 written, 0 skipped, 1 failed" in out
 
 
@@ -1375,7 +1525,7 @@ def test_sample_files_that_are_not_checkpoints_give_one_line_errors_without_trac
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    cases = (("truncated.pt", "not a PyTorch checkpoint"), ("other.pt", "not a BlurDM checkpoint"),
+    cases = (("truncated.pt", "not a PyTorch checkpoint"), ("other.pt", "not a checkpoint of a known kind"),
              ("notes.pt", "not a PyTorch checkpoint"), ("missing.pt", "no such checkpoint file"))
     for name, problem in cases:
         code, _, err = _sample_run([src, "--ckpt", tmp_path / name], capsys)

@@ -4,6 +4,7 @@ encoder and the deblurrer, stage 2 the blur encoder and the residual estimators,
 
     python train.py --data GOPRO_Large/                       # the paper's recipe (MIMO-UNet+, 3000/500/3000 epochs)
     python train.py --data photos/ --preset demo --iters 2000,300,1700   # sharp photographs, blurred on the fly
+    python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 20000,3000,20000  # from published weights
     torchrun --nproc_per_node=4 train.py --data GOPRO_Large/  # DistributedDataParallel, one process a GPU
     python train.py --data GOPRO_Large/ --eval-only --init out/best.pt   # PSNR / SSIM of the whole test split
 
@@ -12,6 +13,7 @@ Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -28,81 +30,98 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import blurdm
+
+# the training recipe of each preset: crop, global batch, Adam's lr with a cosine decay to lr_min, epochs per stage
+PAPER = dict(crop=256, batch_size=20, lr=1e-4, lr_min=1e-6, stage_epochs=(3000, 500, 3000), seed=2023)
+RECIPES = {"paper": PAPER, "mimo-unet": PAPER,
+           "demo": dict(crop=128, batch_size=8, lr=5e-4, lr_min=1e-5, stage_epochs=(1334, 334, 1000), seed=2023),
+           "tiny": dict(crop=64, batch_size=4, lr=1e-3, lr_min=1e-6, stage_epochs=(2, 1, 2), seed=2023)}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="GoPro (original or flat), RealBlur, HIDE, blur/ + sharp/, or photos")
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and scores.csv (default: out)")
-    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS))
+    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="model and recipe (with --init: "
+                   "the recipe; the model is the file's)")
     p.add_argument("--no-prior", action="store_true", help="the baseline backbone alone (ablation)")
-    p.add_argument("--init", help="weights the first stage starts from (or that --eval-only scores)")
+    p.add_argument("--init", help="weights the first stage starts from (this project's, MIMO-UNet's or the official "
+                   "BlurDM code's), or that --eval-only scores")
     p.add_argument("--eval-only", action="store_true", help="score --init on the whole test split; writes scores.csv")
-    p.add_argument("--iters", type=numbers(int, 3, 0), help="iterations per stage a,b,c (default: the preset's "
-                   "epochs); 0 skips a stage: 0,0,N --init CKPT trains stage 3 on")
+    p.add_argument("--iters", type=numbers(int, 3), help="iterations per stage a,b,c (default: the recipe's epochs); "
+                   "0 skips a stage: 0,0,N --init CKPT trains stage 3 on")
     p.add_argument("--batch", type=int, help="global batch, split over the processes (paper: 20)")
     p.add_argument("--crop", type=int, help="training crop, a multiple of 4 (paper: 256)")
     p.add_argument("--lr", type=float, help="Adam's learning rate at the start of each stage, cosine decay to --lr-min")
     p.add_argument("--lr-min", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--blur-length", type=numbers(float, 2, 0), default=blurdm.BLUR_LENGTH, metavar="LO,HI",
+    p.add_argument("--blur-length", type=numbers(float, 2), default=blurdm.BLUR_LENGTH, metavar="LO,HI",
                    help="camera paths in px for photographs blurred on the fly (default %g,%g; 0,30: sharp inputs "
                    "too)" % blurdm.BLUR_LENGTH)
     p.add_argument("--reuse", type=int, default=1, help="steps a rendered crop serves, turned or flipped each time")
     p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on CPUs: it slows the training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast on CUDA, bf16 on CPUs with native bf16")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: bf16 or fp16 on CUDA, bf16 on a CPU that has "
+                   "it natively (elsewhere fp32, with a note)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
     p.add_argument("--val-every", type=int, default=5000, help="validate every N steps (0: at stage ends only)")
     p.add_argument("--val-count", type=int, default=100, help="at most this many validation images")
     p.add_argument("--val-crop", type=int, default=512, help="validation centre crop (0: whole images)")
     p.add_argument("--save-every", type=int, default=1000, help="write out/last.pt every N steps")
     p.add_argument("--log-every", type=int, default=50, help="print and log a line every N steps")
+    argv = list(sys.argv[1:] if argv is None else argv)  # "--iters -1,1,1" is a value, not an option
+    argv = [f"{a}={argv.pop(i + 1)}" if a in ("--iters", "--blur-length") and i + 1 < len(argv) else a
+            for i, a in enumerate(argv)]
     args = p.parse_args(argv)
-    lo, hi = args.blur_length
-    if (args.eval_only and not args.init) or (args.iters and not any(args.iters)) or lo > hi:
-        p.error("--eval-only needs --init CKPT, --iters at least one stage, and --blur-length LO <= HI")
+    recipe = {**RECIPES[args.preset], **{k: v for k, v in dict(batch_size=args.batch, crop=args.crop, lr=args.lr,
+                                                                 lr_min=args.lr_min, seed=args.seed).items() if v is not None}}
+    checks = [(args.eval_only and not args.init, "--eval-only needs --init CKPT"),
+              (args.iters and not any(args.iters), "--iters: at least one stage needs iterations"),
+              (args.blur_length[0] > args.blur_length[1], "--blur-length LO,HI needs LO <= HI"),
+              (args.blur_length[1] > recipe["crop"], f"--blur-length: paths longer than the {recipe['crop']}px crop"),
+              (recipe["crop"] % 4, "--crop must be a multiple of 4"),
+              (not 0 <= recipe["lr_min"] <= recipe["lr"] <= 1e30, "--lr-min must be between 0 and --lr")]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
     for name, value in vars(args).items():  # whole numbers: sizes and periods >= 1 (True), others >= 0
         if type(value) is int and not (name in ("batch", "crop", "reuse", "save_every", "log_every")) <= value < 2**63:
             p.error(f"--{name.replace('_', '-')} {value}: out of range")
-    return args
+    return args, recipe
+
+
+@dataclasses.dataclass
+class Context:
+    """What a training step needs to know besides the model: this process, its output and its settings."""
+    args: argparse.Namespace
+    recipe: dict  # crop, batch_size, lr, lr_min, seed
+    run: dict  # what a resumed run must share with the one that saved
+    device: torch.device
+    rank: int
+    world_size: int
+    autocast: object
+    out: Path
+    say: object
+    val_images: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"psnr": None})  # of stages 2-3, kept in best.pt
+    stop: dict = dataclasses.field(default_factory=dict)  # the signal that asked to stop
+    saved: str = ""  # what out/last.pt holds, for a second Ctrl-C
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                             ("WORLD_SIZE", 1)))
-    device = blurdm.pick_device(args.device)
-    use_cuda = device.type == "cuda"
-    if "RANK" in os.environ:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    say = print if rank == 0 else (lambda *a, **k: None)
-    given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed).items()
-    cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior, **{k: v for k, v in given if v is not None})
-    if cfg.crop % 4 or cfg.batch_size % world_size:
-        raise ValueError(f"--crop must be a multiple of 4, and --batch divide over the {world_size} processes")
-    if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
-        say(f"note: --preset {args.preset} is sized for GPUs (hours an epoch here, and more memory than most "
-            "machines have); --preset demo is sized for CPUs")
-    autocast, _, note = blurdm.autocast(device, args.amp)
-    if note:
-        say(f"note: {note}")
+    args, recipe = parse_args(argv)
+    ctx = setup(args, recipe)
     splits, problems = blurdm.find_pairs(args.data)
-    load_pair.cache_clear()  # files may have changed since an earlier run in this process
-    say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
-        + (" of sharp photographs, blurred on the fly" if next(iter(splits.values()))[0][0] is None else ""))
-    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
+    blurdm.load_pair.cache_clear()  # files may have changed since an earlier run in this process
+    ctx.say(f"data: {args.data}: " + ", ".join(f"{len(p)} {s} pairs" for s, p in splits.items())
+            + (" of sharp photographs, blurred on the fly" if next(iter(splits.values()))[0][0] is None else ""))
     for line in problems:
-        say(f"warning: {line}")
+        ctx.say(f"warning: {line}")
     if args.eval_only:
-        return evaluate_test_split(args, splits, device, autocast, say)
+        return evaluate_test_split(ctx, splits)
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)} (--eval-only scores a model)")
     pairs, val_pairs = splits["train"], splits.get("test", [])
@@ -110,78 +129,101 @@ def main(argv=None):
         val_pairs = pairs[::math.ceil(len(pairs) / max(1, min(args.val_count, len(pairs) // 10)))]
         pairs = [p for p in pairs if p not in val_pairs] or pairs  # a single pair is trained on and validated
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []  # evenly spaced
-    val_images = list(validation_images(val_pairs, args.val_crop, cfg.seed, args.blur_length, say))
-    if val_images:
-        say(f"validation: {len(val_images)} images, the blurry input scores PSNR "
-            f"{np.mean([blurdm.psnr(b, s) for _, b, s in val_images]):.2f} dB")
-    stage_steps = args.iters or [math.ceil(e * len(pairs) / cfg.batch_size) for e in cfg.stage_epochs]
-    run = dict(crop=cfg.crop, batch_size=cfg.batch_size, lr=cfg.lr, lr_min=cfg.lr_min, seed=cfg.seed,
-               stage_steps=stage_steps, data=str(Path(args.data)), blur_length=list(args.blur_length), reuse=args.reuse)
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # 1.16x on the CPU
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process and every run of a command
-    model = blurdm.BlurDM(cfg).to(device, memory_format=memory_format)
-    stages, state, best = where_to_start(model, args, out, run, say)  # best: of stages 2-3, kept in best.pt
-    if world_size > 1 and device.type == "cuda":  # SE's BatchNorm sees the global batch, as on one GPU
+    ctx.val_images = list(blurdm.validation_images(val_pairs, args.val_crop, recipe["seed"], args.blur_length, ctx.say))
+    if ctx.val_images:
+        ctx.say(f"validation: {len(ctx.val_images)} images, the blurry input scores PSNR "
+                f"{np.mean([blurdm.psnr(b, s) for _, b, s in ctx.val_images]):.2f} dB")
+    stage_steps = args.iters or [math.ceil(e * len(pairs) / recipe["batch_size"]) for e in recipe["stage_epochs"]]
+    ctx.run = dict(**{k: recipe[k] for k in ("crop", "batch_size", "lr", "lr_min", "seed")}, stage_steps=stage_steps,
+                   data=fingerprint(args.data, splits), blur_length=list(args.blur_length), reuse=args.reuse,
+                   amp=args.amp)
+    model, stages, state = where_to_start(ctx)
+    model = model.to(ctx.device, memory_format=blurdm.memory_format(ctx.device))
+    if ctx.world_size > 1 and ctx.device.type == "cuda":  # SE's BatchNorm sees the global batch, as on one GPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    stop = {}  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C aborts at once
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        say(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)", flush=True)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    dataset = PairDataset(pairs, cfg.crop, args.blur_length, cfg.seed, args.reuse)
-    per_rank = cfg.batch_size // world_size
+    dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, recipe["seed"], args.reuse)
+    per_rank = recipe["batch_size"] // ctx.world_size
+    workers = args.workers if args.workers is not None else 4 * (ctx.device.type == "cuda")
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same crops
         samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])
-                   for k in range(rank * per_rank, (rank + 1) * per_rank))
-        loader = DataLoader(dataset, per_rank, sampler=samples, pin_memory=use_cuda, worker_init_fn=ignore_stop_signals,
-                            num_workers=args.workers if args.workers is not None else 4 * (device.type == "cuda"))
-        if train_stage(model, stage, loader, state, args, run, out, device, memory_format, autocast, rank,
-                       world_size, stop, val_images, best, say):
-            return 128 + stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal of their own
+                   for k in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
+        loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers, pin_memory=ctx.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals)
+        try:
+            if train_stage(model, stage, loader, state, ctx):
+                return 128 + ctx.stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal
+        except KeyboardInterrupt:  # the second Ctrl-C
+            ctx.say(f"\naborted; {ctx.saved or 'nothing saved yet in this run'}", flush=True)
+            raise
         state = None
-    say(f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {out / 'best.pt' if best['psnr'] else out / 'last.pt'}")
+    best = ctx.out / ("best.pt" if ctx.best["psnr"] is not None else "last.pt")
+    ctx.say(f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {best}")
     return 0
 
 
-def train_stage(model, stage, loader, state, args, run, out, device, memory_format, autocast, rank, world_size,
-                stop, val_images, best, say):
+def setup(args, recipe):
+    """This process: its rank and device (one GPU a process under torchrun), precision, output folder, signals."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                             ("WORLD_SIZE", 1)))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    device = blurdm.pick_device(args.device)
+    if recipe["batch_size"] % world_size:
+        raise ValueError(f"--batch {recipe['batch_size']} does not divide over the {world_size} processes")
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > gpus:
+            raise ValueError(f"{int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))} processes on this machine "
+                             f"but {gpus} GPU{'s' * (gpus != 1)}: one process a GPU (torchrun --nproc_per_node={gpus})")
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every training crop has one size
+    if "RANK" in os.environ:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (nanoGPT's pattern)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
+        say(f"note: --preset {args.preset} is sized for GPUs (hours an epoch here, and more memory than most "
+            "machines have); --preset demo is sized for CPUs")
+    autocast, _, note = blurdm.autocast(device, args.amp)
+    if note:
+        say(f"note: {note}")
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
+    blurdm.remove_stale_temps(out)
+    ctx = Context(args, recipe, {}, device, rank, world_size, autocast, out, say)
+    signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))
+    signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
+    return ctx
+
+
+def train_stage(model, stage, loader, state, ctx):
     """One stage, from `state` (a checkpoint to resume) or from step 0; returns True when stopped by a signal."""
-    cfg, total = model.cfg, run["stage_steps"][stage - 1]
-    parameters = model.set_stage(stage)
-    optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=cfg.lr_min)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    step = state["step"] if state else 0
-    for part, name in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")) if state else ():
+    total, parameters = ctx.run["stage_steps"][stage - 1], model.set_stage(stage)
+    optimizer = torch.optim.Adam(parameters, lr=ctx.recipe["lr"], fused=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=ctx.recipe["lr_min"])
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.args.amp == "fp16" and ctx.device.type == "cuda")
+    parts = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    for name, part in parts.items() if state else ():
         part.load_state_dict(state[name])
-    forward = torch.compile(model) if args.compile else model
-    forward = DDP(forward, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else forward
-    parts = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
-    say(f"stage {stage} ({parts if cfg.prior else 'no prior'}): steps {step}..{total}, batch {cfg.batch_size} of "
-        f"{cfg.crop}px crops, lr {cfg.lr:g} -> {cfg.lr_min:g}")
-    log = open(out / "log.jsonl", "a") if rank == 0 else None  # closed when the process ends
-
-    def save(name):
-        if rank == 0:
-            model.save(out / name, stage=stage, step=step, run=run, optimizer=optimizer.state_dict(),
-                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), best_psnr=best["psnr"])
-
+    step = state["step"] if state else 0
+    forward = torch.compile(model) if ctx.args.compile else model
+    if ctx.world_size > 1:
+        forward = DDP(forward, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    what = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
+    ctx.say(f"stage {stage} ({what if model.cfg.prior else 'no prior'}): steps {step}..{total}, batch "
+            f"{ctx.recipe['batch_size']} of {ctx.recipe['crop']}px crops, lr {ctx.recipe['lr']:g} -> {ctx.recipe['lr_min']:g}")
+    log = open(ctx.out / "log.jsonl", "a") if ctx.rank == 0 else None
     batches = iter(loader)
     while step < total:
         t0 = time.perf_counter()
-        blur, sharp = next(batches)
-        blur, sharp = (x.to(device, non_blocking=True, memory_format=memory_format) for x in (blur, sharp))
+        blur, sharp = (x.to(ctx.device, non_blocking=True, memory_format=blurdm.memory_format(ctx.device))
+                       for x in next(batches))
         t1 = time.perf_counter()
-        torch.manual_seed(mix_seed(cfg.seed, stage, step, rank))  # the chain's ε and the dropout masks: replayable
-        with autocast:
-            loss = model.loss(blur, sharp, stage, outputs=forward(blur, sharp, stage))  # DDP syncs through forward
-        stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop)), device=device)])
-        if world_size > 1:  # one small all-reduce a step: every rank sees the same loss and the same stop request
+        torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # the chain's ε, dropout: replayable
+        with ctx.autocast:
+            loss = forward(blur, sharp, stage)  # the stage's loss; DDP syncs the gradients through forward
+        stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(ctx.stop)), device=ctx.device)])
+        if ctx.world_size > 1:  # one small all-reduce a step: every rank sees the same loss and the same stop request
             dist.all_reduce(stats)
-        loss_value, stopping = stats[0].item() / world_size, stats[1].item() > 0
+        loss_value, stopping = stats[0].item() / ctx.world_size, stats[1].item() > 0
         if not math.isfinite(loss_value):  # the NaN guard: stop before a bad step reaches a checkpoint
             raise ValueError(f"loss is {loss_value} at stage {stage} step {step}; stopped, the last checkpoint is kept "
                              "(lower --lr, or use --amp bf16 instead of fp16)")
@@ -193,58 +235,90 @@ def train_stage(model, stage, loader, state, args, run, out, device, memory_form
         scheduler.step()
         step += 1
         ms, data_ms = 1000 * (time.perf_counter() - t0), 1000 * (t1 - t0)
-        if rank == 0 and (step % args.log_every == 0 or step == total):
-            say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms (data {data_ms:.0f})")
+        if log and (step % ctx.args.log_every == 0 or step == total):
+            ctx.say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms (data {data_ms:.0f})")
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, step_ms=round(ms, 2),
                                   data_ms=round(data_ms, 2), time=time.time())), file=log, flush=True)
-        if rank == 0 and val_images and ((args.val_every and step % args.val_every == 0) or step == total):
-            psnr, ssim = (float(v) for v in np.mean(list(evaluate(model, val_images, device, stage)), axis=0))
-            model.set_stage(stage)  # back to this stage's training modes
-            counts = not (cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp): not what sample.py runs
-            improved = counts and (best["psnr"] is None or psnr > best["psnr"])
-            best["psnr"] = psnr if improved else best["psnr"]
-            say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f} | {len(val_images)} images"
-                + ("" if counts else " | prior SE(blur, sharp)") + (" | best, saved best.pt" if improved else ""))
-            print(json.dumps(dict(stage=stage, step=step, val_psnr=psnr, val_ssim=ssim)), file=log, flush=True)
-            if improved:
-                save("best.pt")
-        if step % args.save_every == 0 or step == total or stopping:
+        checkpoint = functools.partial(save, model, ctx, stage=stage, step=step, **parts)
+        if log and ctx.val_images and ((ctx.args.val_every and step % ctx.args.val_every == 0) or step == total):
+            validate(model, stage, step, ctx, log, checkpoint)
+        if step % ctx.args.save_every == 0 or step == total or stopping:
             if not all(torch.isfinite(p).all() for p in parameters):
                 raise ValueError(f"weights not finite at stage {stage} step {step}; stopped, last checkpoint kept")
-            save("last.pt")
-            if step == total:
-                save(f"stage{stage}.pt")
+            checkpoint("last.pt", *[f"stage{stage}.pt"] * (step == total))
         if stopping:
-            say(f"stopped at stage {stage} step {step}; saved {out / 'last.pt'}; rerun the same command to resume")
+            ctx.say(f"stopped at stage {stage} step {step}; saved {ctx.out / 'last.pt'}; rerun the same command to resume")
             return True
-    if world_size > 1:
+    if ctx.world_size > 1:
         dist.barrier()  # the next stage starts from the same weights on every rank
     return False
 
 
-def where_to_start(model, args, out, run, say):
-    """The stages to run, the state to resume (or None) and the best validation so far: out/last.pt if this run
-    wrote it, else --init."""
-    stages, last = [s for s in (1, 2, 3) if run["stage_steps"][s - 1]], out / "last.pt"
+def save(model, ctx, *names, stage, step, optimizer, scheduler, scaler):
+    """Write the training state under each name in out/ (rank 0)."""
+    for name in names if ctx.rank == 0 else ():
+        blurdm.save_checkpoint(ctx.out / name, model, stage=stage, step=step, run=ctx.run, best_psnr=ctx.best["psnr"],
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               scaler=scaler.state_dict())
+        ctx.saved = f"{ctx.out / name} holds stage {stage} step {step}" if name == "last.pt" else ctx.saved
+
+
+def validate(model, stage, step, ctx, log, checkpoint):
+    """PSNR / SSIM on the validation images; a new best (stages 2-3: what sample.py runs) is saved as best.pt."""
+    psnr, ssim = (float(v) for v in np.mean(list(evaluate(model, ctx.val_images, ctx.device, stage)), axis=0))
+    model.set_stage(stage)  # back to this stage's training modes
+    counts = not (model.cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp)
+    improved = counts and (ctx.best["psnr"] is None or psnr > ctx.best["psnr"])
+    ctx.best["psnr"] = psnr if improved else ctx.best["psnr"]
+    ctx.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f} | {len(ctx.val_images)} images"
+            + ("" if counts else " | prior SE(blur, sharp)") + (" | best, saved best.pt" if improved else ""))
+    print(json.dumps(dict(stage=stage, step=step, val_psnr=psnr, val_ssim=ssim)), file=log, flush=True)
+    if improved:
+        checkpoint("best.pt")
+
+
+def where_to_start(ctx):
+    """(model, stages to run, state to resume or None): out/last.pt if this run wrote it, else --init, else fresh."""
+    args, stages, last = ctx.args, [s for s in (1, 2, 3) if ctx.run["stage_steps"][s - 1]], ctx.out / "last.pt"
+    torch.manual_seed(ctx.recipe["seed"])  # the same initial weights in every process and every run of a command
     if last.exists():
-        state = blurdm.load_checkpoint(last)
-        differing = [k for k in run if state.get("run", {}).get(k) != run[k]]
+        cfg, weights, state = blurdm.read_checkpoint(last)
+        differing = [k for k in ctx.run if state.get("run", {}).get(k) != ctx.run[k]]
         if differing:
-            detail = ", ".join(f"{k} {state.get('run', {}).get(k)} vs {run[k]}" for k in differing)
+            detail = ", ".join(describe_change(k, state.get("run", {}).get(k), ctx.run[k]) for k in differing)
             raise ValueError(f"{last}: saved by a run with other settings ({detail}); rerun its command to resume, "
                              "or pass another --out")
-        model.load_weights(state, last)
-        finished = state["step"] >= run["stage_steps"][state["stage"] - 1]
+        model = blurdm.BlurDM(cfg)
+        blurdm.load_weights(model, weights, last)
+        finished = state["step"] >= ctx.run["stage_steps"][state["stage"] - 1]
         stages = [s for s in stages if s > state["stage"] or (s == state["stage"] and not finished)]
-        say(f"{last}: " + (f"stage {state['stage']} finished" if finished else
-                           f"resuming stage {state['stage']} at step {state['step']}"))
-        return stages, None if finished else state, {"psnr": state.get("best_psnr")}
+        ctx.say(f"{last}: " + (f"stage {state['stage']} finished" if finished else
+                               f"resuming stage {state['stage']} at step {state['step']}"))
+        ctx.best["psnr"] = state.get("best_psnr")
+        return model, stages, None if finished else state
     if stages and stages[0] > 1 and not args.init:
         raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
-    if args.init:
-        model.load_weights(blurdm.load_checkpoint(args.init), args.init)
-        say(f"stage {stages[0]} starts from the weights of {args.init}")
-    return stages, None, {"psnr": None}
+    if not args.init:
+        return blurdm.BlurDM(blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior)), stages, None
+    cfg, weights, _ = blurdm.read_checkpoint(args.init)
+    if args.no_prior and cfg.prior:
+        raise ValueError(f"{args.init}: its deblurrer was trained with a prior; --no-prior needs a backbone alone")
+    new_prior = cfg.prior != (not args.no_prior)  # a published backbone gains a prior whose fusion starts at identity
+    model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
+    optional = blurdm.PRIOR_PARTS if new_prior or stages[0] == 1 else blurdm.PRIOR_PARTS[1:4] if stages[0] == 2 \
+        else blurdm.PRIOR_PARTS[:1]  # a stage trains what it needs but from what the stages before it made
+    blurdm.load_weights(model, weights, args.init, optional)
+    ctx.say(f"stage {stages[0]} starts from the weights of {args.init}" + (
+        " (a backbone: the prior networks are new, their fusion starts as the identity)" if new_prior else ""))
+    return model, stages, None
+
+
+def describe_change(key, before, now):
+    if key != "data":
+        return f"{key} {before} vs {now}"
+    before, now = ({f: rest for f, *rest in files or []} for files in (before, now))  # {file: [size, mtime]}
+    changed = [f for f in sorted(before.keys() | now.keys()) if before.get(f) != now.get(f)]
+    return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{', ...' * (len(changed) > 3)})"
 
 
 def evaluate(model, images, device, stage=3, tile=2048):
@@ -252,107 +326,62 @@ def evaluate(model, images, device, stage=3, tile=2048):
     model.eval()
     for _, blur_u8, sharp_u8 in images:
         blur, sharp = (x.to(device)[None].float() / 255 for x in (blur_u8, sharp_u8))
-        prior = model.sharp_prior(blur, sharp) if model.cfg.prior and stage == 1 else None
-        out = blurdm.to_uint8(model.deblur(blur, prior=prior, tile=tile)[0])
+        if model.cfg.prior and stage == 1:
+            with torch.inference_mode():
+                out = model.deblur(blur, prior=model.sharp_latent(blurdm.pad_to_multiple(blur, 8),
+                                                                  blurdm.pad_to_multiple(sharp, 8)))
+        else:
+            out = blurdm.deblur_tiled(model, blur, tile)
+        out = blurdm.to_uint8(out[0])
         yield blurdm.psnr(out, sharp_u8.to(device)), blurdm.ssim(out, sharp_u8.to(device))
 
 
-def evaluate_test_split(args, splits, device, autocast, say):
+def evaluate_test_split(ctx, splits):
     """--eval-only: score --init on every pair of the test split (or of the only split), whole images."""
-    model = blurdm.BlurDM.from_checkpoint(args.init).float().to(device)
-    split, rows = "test" if "test" in splits else next(iter(splits)), []  # the only split, when there is no test/
-    with autocast:
-        for name, blur, sharp in validation_images(splits[split], 0, model.cfg.seed, args.blur_length, say):
-            (psnr, ssim), = evaluate(model, [(name, blur, sharp)], device)
+    model = blurdm.load_model(ctx.args.init).float().to(ctx.device)
+    split, rows = "test" if "test" in splits else next(iter(splits)), []
+    if split != "test":
+        ctx.say(f"note: {ctx.args.data} has no test split: scoring its {split} pairs")
+    with ctx.autocast:
+        for name, blur, sharp in blurdm.validation_images(splits[split], 0, ctx.recipe["seed"], ctx.args.blur_length, ctx.say):
+            (psnr, ssim), = evaluate(model, [(name, blur, sharp)], ctx.device)
             rows.append((name, f"{psnr:.4f}", f"{ssim:.6f}"))
-            say(f"{name} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
+            ctx.say(f"{name} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
     if not rows:
-        raise ValueError(f"{args.data}: no {split} pair could be read")
-    with blurdm.atomic_path(Path(args.out) / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
+        raise ValueError(f"{ctx.args.data}: no {split} pair could be read")
+    with blurdm.atomic_path(ctx.out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("input", "psnr_db", "ssim"), *rows])
-    say(f"mean of {len(rows)}: PSNR {np.mean([float(r[1]) for r in rows]):.2f} dB (uint8 RGB, whole image) | SSIM "
-        f"{np.mean([float(r[2]) for r in rows]):.4f} ({blurdm.SSIM_RECIPE}) | {Path(args.out) / 'scores.csv'}")
+    ctx.say(f"mean of {len(rows)}: PSNR {np.mean([float(r[1]) for r in rows]):.2f} dB (uint8 RGB, whole image) | SSIM "
+            f"{np.mean([float(r[2]) for r in rows]):.4f} ({blurdm.SSIM_RECIPE}) | {ctx.out / 'scores.csv'}")
     return 1 if len(rows) < len(splits[split]) else 0  # a test image could not be read
 
 
+def fingerprint(root, splits):
+    """The data as a resume compares it: each file's path below --data, size and mtime (cheap, and names changes)."""
+    files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
+    return [[os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+
+
+def numbers(kind, count):
+    """An argparse type: `count` numbers separated by commas (or one, for all), each in [0, 1e9)."""
+    def comma_separated(text):
+        values = [kind(v) for v in text.split(",")]  # not numbers: argparse says "invalid comma_separated value"
+        values = values * count if len(values) == 1 else values
+        if len(values) != count or not all(0 <= v < 1e9 for v in values):
+            raise argparse.ArgumentTypeError(f"takes {count} numbers >= 0 separated by commas, got {text!r}")
+        return values
+    return comma_separated
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Samples: a random crop (blurred here for photographs), flips and quarter turns, the same for both images
+# Stops and crashes: Ctrl-C and SIGTERM save first; an error is one line; no process outlives the run
 
 
-@functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not once a sample
-def load_pair(blur_path, sharp_path, min_size=1):
-    sharp = blurdm.to_uint8(blurdm.read_image(sharp_path))
-    blur = blurdm.to_uint8(blurdm.read_image(blur_path)) if blur_path else None
-    (h, w), name = sharp.shape[1:], blur_path or sharp_path
-    if blur is not None and blur.shape != sharp.shape:
-        raise ValueError(f"{blur_path}: {blur.shape[2]}x{blur.shape[1]} but its sharp image {sharp_path} is {w}x{h}")
-    if min(h, w) < min_size:
-        raise ValueError(f"{name}: {w}x{h} is smaller than the {min_size}px crop")
-    return blur, sharp
-
-
-class PairDataset(Dataset):
-    """Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
-    Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a fifth to a third of a
-    demo step on a CPU) and turned or flipped its own way each time."""
-
-    def __init__(self, pairs, crop, blur_length, seed, reuse=1):
-        self.pairs, self.crop, self.blur_length, self.seed, self.reuse = pairs, crop, blur_length, seed, reuse
-        self.warned, self.rendered = set(), {}
-
-    def __getitem__(self, item):
-        key = (item[0], item[1] // self.reuse, item[2])  # (stage, group of steps, k)
-        if key not in self.rendered:  # kept while its steps last
-            self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
-        g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
-        flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
-        pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
-        return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
-
-    def render(self, stage, group, k):
-        g, c = torch.Generator().manual_seed(mix_seed(self.seed, stage, group, k)), self.crop
-        index = torch.randint(len(self.pairs), (), generator=g).item()
-        for attempt in range(len(self.pairs)):  # a pair that cannot be used: a warning (once a process), the next
-            try:
-                blur, sharp = load_pair(*self.pairs[(index + attempt) % len(self.pairs)], self.crop)
-                break
-            except ValueError as err:
-                if str(err) not in self.warned:
-                    self.warned.add(str(err))
-                    print(f"warning: {err}; skipped", flush=True)
-        else:
-            raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
-        top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
-        if blur is None:  # a photograph: blurred here (subframes None: one a pixel of camera path)
-            blur, sharp = blurdm.synthesize_blur(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
-        else:
-            blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
-        return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
-
-
-def validation_images(pairs, crop, seed, blur_length, say):
-    """(name, blur, sharp) uint8 centre crops (crop 0: whole images); a photograph gets a fixed seeded blur."""
-    for j, (blur_path, sharp_path) in enumerate(pairs):
-        try:
-            blur, sharp = load_pair(blur_path, sharp_path)
-        except ValueError as err:
-            say(f"warning: {err}; left out of evaluation")
-            continue
-        H, W = sharp.shape[-2:]
-        margin = 0 if blur is not None or crop else min(math.ceil(blur_length[1] / 2) + 8, (min(H, W) - 8) // 4)
-        h, w = (min(crop, H), min(crop, W)) if crop else (H - 2 * margin, W - 2 * margin)  # whole: away from edges
-        top, left = (H - h) // 2, (W - w) // 2
-        if blur is None:
-            g = torch.Generator().manual_seed(mix_seed(seed, 0, j))
-            blur, sharp = (blurdm.to_uint8(x) for x in blurdm.synthesize_blur(
-                sharp.float() / 255, g, blur_length, subframes=None, window=(top, left, h, w)))
-        else:
-            blur, sharp = blur[:, top:top + h, left:left + w], sharp[:, top:top + h, left:left + w]
-        yield blur_path or sharp_path, blur, sharp
-
-
-def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a seed, a stage, a step), well mixed
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+def request_stop(ctx, signum, frame):
+    """Finish the step, save, exit; a second Ctrl-C aborts at once."""
+    ctx.stop["signal"] = signum
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctx.say(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)", flush=True)
 
 
 def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
@@ -360,19 +389,9 @@ def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def numbers(kind, count, least):
-    """An argparse type: `count` numbers separated by commas (or one, for all), each in [least, 1e9)."""
-    def comma_separated(text):
-        values = [kind(v) for v in text.split(",")]  # not numbers: argparse says "invalid comma_separated value"
-        values = values * count if len(values) == 1 else values
-        if len(values) != count or not all(least <= v < 1e9 for v in values):
-            raise argparse.ArgumentTypeError(f"takes {count} numbers >= {least} separated by commas, got {text!r}")
-        return values
-    return comma_separated
-
-
 def cli(argv=None):
-    """The entry point: one `error:` line and exit code 1 for what a user can fix; worker processes never outlive it."""
+    """The entry point: one `error:` line (from rank 0) and exit code 1 for what a user can fix; worker processes
+    never outlive it."""
     try:
         return main(argv)
     except BaseException as err:  # clearing the frames frees a DataLoader they hold: its workers stop cleanly now
@@ -392,7 +411,8 @@ def cli(argv=None):
             child.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
-    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # every rank meets the same setting errors: one line is enough
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
     return 1
 
 
