@@ -1123,7 +1123,10 @@ def find_pairs(root):
                 raise ValueError(f"{list_file}: not a RealBlur list file ({err})") from None
             pairs = [(list_file.parent / row[1], list_file.parent / row[0]) for row in rows if len(row) >= 2]
             splits[split] = [(str(b), str(s)) for b, s in pairs if b.is_file() and s.is_file()]
-            missing += [str(p) for pair in pairs for p in pair if not p.is_file()]
+            absent = [str(p) for pair in pairs for p in pair if not p.is_file()]
+            if absent:
+                problems.append(f"{list_file}: {len(absent)} files it names do not exist ({', '.join(absent[:3])}"
+                                f"{', ...' * (len(absent) > 3)})")
     images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p for p in list_images(root)}
     folders = lambda key: key.split("/")[:-1]
     split_of = lambda key: next((f for f in reversed(folders(key)) if f in ("train", "test")), "train")

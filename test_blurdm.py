@@ -7,12 +7,14 @@ Run: python -m pytest -q test_blurdm.py
 """
 
 import argparse
+import copy
 import csv
 import gc
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -848,7 +850,8 @@ def test_realblur_lists_pair_the_gt_and_blur_columns_and_report_missing_files(tm
     assert _counts(splits) == {"train": 2, "test": 1}
     for blur, sharp in splits["train"]:
         assert "/blur/blur_" in blur and "/gt/gt_" in sharp and Path(blur).parents[1] == Path(sharp).parents[1]
-    assert len(problems) == 1 and "scene009" in problems[0]
+    assert problems == [f"{root / 'RealBlur_R_train_list.txt'}: 2 files it names do not exist "
+                        f"({root / 'RealBlur-R_ECC/scene009/blur/blur_1.png'}, {root / 'RealBlur-R_ECC/scene009/gt/gt_1.png'})"]
     splits, _ = blurdm.find_pairs(root / "RealBlur_R_test_list.txt")  # a list file names the data set too
     assert _counts(splits) == {"train": 2, "test": 1}
     (root / "mine.txt").write_text(lines["test"][0])  # a list of another name is one split, never both
@@ -919,7 +922,8 @@ def test_find_pairs_names_the_folder_when_it_cannot_be_used(tmp_path):
 
 
 _REPO = Path(__file__).resolve().parent
-_FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "--val-crop", "32", "--log-every", "1"]
+_FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "--val-crop", "32", "--log-every", "1",
+         "--device", "cpu"]  # tests compare values: pinned to the CPU, on a CUDA machine too
 
 
 @pytest.fixture
@@ -1102,7 +1106,8 @@ def test_train_two_gloo_processes_agree_with_one_process_on_the_same_global_batc
 def test_train_eval_only_scores_every_test_image_as_the_tables_do(tmp_path, capsys, tiny):
     data = _gopro(tmp_path / "gopro")
     blurdm.save_checkpoint(tmp_path / "model.pt", tiny)
-    assert _train(["--data", data, "--eval-only", "--init", tmp_path / "model.pt", "--out", tmp_path / "eval"]) == 0
+    assert _train(["--data", data, "--eval-only", "--init", tmp_path / "model.pt", "--out", tmp_path / "eval",
+                   "--device", "cpu"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
     splits, _ = blurdm.find_pairs(data)
     assert [r["input"] for r in rows] == [b for b, _ in splits["test"]]
@@ -1233,8 +1238,9 @@ def _sample_read(path):
 
 
 def _sample_run(argv, capsys):
-    """main(argv) in-process: (exit code, stdout, stderr)."""
-    code = sample.main([str(a) for a in argv])
+    """main(argv) in-process, on the CPU unless --device is given (tests compare with CPU results): (exit code,
+    stdout, stderr)."""
+    code = sample.main([str(a) for a in argv] + ["--device", "cpu"] * ("--device" not in argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -1570,3 +1576,273 @@ def test_sample_bad_files_fail_alone_with_one_line_each(tmp_path, sample_strong_
         assert sum(name in e and problem in e for e in errors) == 1, (name, errors)
     assert (d / "good_deblurred.png").exists() and "done: 1 written, 0 skipped, 5 failed | " in out
     assert "5/5" in err  # the progress bar over several images
+
+
+# ==============================================================================================================
+# faults an outside battery found: each test fails on the code before its fix
+
+
+def test_a_folder_link_back_up_the_tree_ends_the_walk_in_folders_and_patterns(tmp_path, sample_strong_ckpt, capsys):
+    tree = tmp_path / "L"
+    _sample_save(tree / "a.png")
+    _sample_save(tree / "sub" / "b.png", seed=1)
+    (tree / "self").symlink_to(tree)
+    (tree / "sub" / "up").symlink_to(tree)
+    assert [p.relative_to(tree).as_posix() for p in blurdm.list_images(tree)] == ["a.png", "sub/b.png"]
+    code, out, _ = _sample_run([f"{tree}/**/*.png", "-r", "-o", tmp_path / "out", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "done: 2 written" in out
+
+
+def test_deblur_takes_uint8_and_says_in_one_line_what_else_it_cannot_take(tiny):
+    x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    u8 = blurdm.to_uint8(x)
+    assert torch.equal(tiny.deblur(u8), tiny.deblur(u8.float() / 255))
+    assert torch.equal(tiny.deblur(x[0]), tiny.deblur(x)[0])  # (3, H, W), as read_image returns it
+    bad = {"[0, 1] (or uint8), got values in [0.07": x * 255, "not shape (16, 24)": x[0, 0],
+           "not shape (1, 1, 16, 24)": x[:, :1], "not shape (1, 4, 16, 24)": torch.cat([x, x[:, :1]], 1),
+           "not shape (0, 3, 16, 24)": x[:0], "not a ndarray": x.numpy(), "not a list": [x, x[..., :8]],
+           "NaN or infinite": x.clone().index_fill_(2, torch.tensor([3]), math.nan)}
+    for message, images in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            tiny.deblur(images)
+        assert "\n" not in str(err.value)
+
+
+def test_half_models_and_inputs_of_any_float_type_deblur(tiny):
+    x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(5))
+    reference = tiny.deblur(x)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert (tiny.deblur(x.to(dtype)) - reference).abs().max() < 0.01
+    half = copy.deepcopy(tiny).half()
+    out = half.deblur(x)
+    assert out.dtype == torch.float16 and (out.float() - reference).abs().max() < 0.02
+
+
+def test_a_config_that_does_not_describe_its_weights_is_refused_before_any_memory_is_spent(tmp_path, tiny,
+                                                                                          monkeypatch):
+    built = []
+    init = blurdm.MIMOUNet.__init__
+    monkeypatch.setattr(blurdm.MIMOUNet, "__init__", lambda self, cfg: built.append(torch.empty(0).device.type)
+                        or init(self, cfg))
+    cases = {"big": ({"width": 128, "num_res": 20}, "weight deblurrer.stem.0.weight is (8, 3, 3, 3) in the file but "
+                                                    "(128, 3, 3, 3) in the model"),
+             "narrow": ({"width": 1}, "width must be in [4, 1024]"), "eps": ({"charbonnier_eps": -1.0}, "charbonnier_eps"),
+             "fft": ({"fft_weight": -5.0}, "fft_weight must be in"), "alpha": ({"alpha_end": 1e308}, "alpha_end must be in")}
+    for name, (change, message) in cases.items():
+        torch.save({"format": "blurdm", "config": {**blurdm.asdict(tiny.cfg), **change}, "model": tiny.state_dict()},
+                   tmp_path / f"{name}.pt")
+        with pytest.raises(blurdm.CheckpointError, match=re.escape(message)):
+            blurdm.load_model(tmp_path / f"{name}.pt")
+    assert built == ["meta"]  # the big one was built without memory, and refused there
+
+
+def test_sample_refuses_inputs_it_cannot_make_finite_and_never_writes_a_non_finite_result(tmp_path, sample_strong_ckpt,
+                                                                                          capsys, monkeypatch):
+    gray = np.full((16, 24), 0.5, dtype=np.float32)
+    gray[3, 4] = np.nan
+    Image.fromarray(gray, "F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((16, 24), 127.5, dtype=np.float32), "F").save(tmp_path / "scale255.tif")
+    assert torch.allclose(blurdm.read_image(tmp_path / "scale255.tif"), torch.full((3, 16, 24), 0.5))  # 0..255 floats
+    code, out, err = _sample_run([tmp_path / "nan.tif", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and "nan.tif: holds NaN or infinite pixel values" in err and not (tmp_path / "nan_deblurred.png").exists()
+    monkeypatch.setattr(blurdm, "deblur_tiled", lambda model, x, *a: x * math.nan)
+    code, out, err = _sample_run([tmp_path / "scale255.tif", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and "output is not finite" in err and not list(tmp_path.glob("*deblurred*")) + list(tmp_path.glob(".*"))
+
+
+def _float_rgb_tiff(path, arr):
+    """A float32 RGB TIFF (SampleFormat 3) written by hand: Pillow reads float grayscale but not this."""
+    h, w, _ = arr.shape
+    data = arr.astype("<f4").tobytes()
+    bits, formats, ifd = 8 + len(data), 14 + len(data), 20 + len(data)
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, bits), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 8),
+            (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1), (339, 3, 3, formats)]
+    entries = b"".join(struct.pack("<HHII", *t) if t[1] == 4 or t[2] > 1 else struct.pack("<HHIHH", *t, 0) for t in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", ifd) + data + struct.pack("<6H", 32, 32, 32, 3, 3, 3)
+                     + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0))
+
+
+def test_sample_reads_gifs_in_folders_and_names_tiffs_pillow_cannot_decode(tmp_path, sample_strong_ckpt, capsys):
+    (tmp_path / "gifs").mkdir()
+    Image.fromarray(_sample_photo(16, 24)).save(tmp_path / "gifs" / "anim.gif")
+    code, out, _ = _sample_run([tmp_path / "gifs", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and "done: 1 written" in out
+    _float_rgb_tiff(tmp_path / "float.tif", np.random.default_rng(0).random((4, 5, 3)))
+    code, _, err = _sample_run([tmp_path / "float.tif", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and "float.tif: a TIFF variant that Pillow cannot decode" in err
+
+
+def test_sample_output_suffixes_alpha_to_jpeg_quality_and_colour_profile(tmp_path, sample_strong_ckpt, capsys):
+    from PIL import ImageCms
+
+    src = tmp_path / "rgba.png"
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(np.dstack([_sample_photo(16, 24), np.full((16, 24), 200, np.uint8)]), "RGBA").save(
+        src, icc_profile=profile)
+    code, _, err = _sample_run([src, "-o", tmp_path / "res.gif", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 1 and "cannot write .gif images" in err and not (tmp_path / "res.gif").exists()
+    code, out, _ = _sample_run([src, "-o", tmp_path / "res.jpg", "--ckpt", sample_strong_ckpt], capsys)
+    assert code == 0 and ".jpg has no alpha channel; the transparency is dropped" in out
+    Image.fromarray(_sample_photo(16, 24)).save(tmp_path / "q95.jpg", quality=95)
+    with Image.open(tmp_path / "res.jpg") as ours, Image.open(tmp_path / "q95.jpg") as q95:
+        assert ours.quantization == q95.quantization and ours.info.get("icc_profile") == profile
+    code, _, _ = _sample_run([src, "--ckpt", sample_strong_ckpt], capsys)
+    with Image.open(tmp_path / "rgba_deblurred.png") as png:
+        assert png.info.get("icc_profile") == profile and png.mode == "RGBA"
+
+
+def test_sample_sigterm_removes_the_temp_file_of_the_image_in_progress(tmp_path, sample_strong_ckpt):
+    src = _sample_save(tmp_path / "a.png")
+    slow = ("import runpy, sys, time, blurdm\n"
+            "blurdm.deblur_tiled = lambda *a, **k: time.sleep(60)\n"
+            f"sys.argv = ['sample.py', {str(src)!r}, '--ckpt', {str(sample_strong_ckpt)!r}, '--device', 'cpu']\n"
+            "runpy.run_path('sample.py', run_name='__main__')\n")
+    process = subprocess.Popen([sys.executable, "-c", slow], cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if list(tmp_path.glob(".a_deblurred.tmp*")):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err.decode() and not list(tmp_path.glob(".*"))
+
+
+def test_sample_ckpt_that_is_a_folder_and_tiles_that_make_no_sense_are_one_line_errors(tmp_path, sample_strong_ckpt,
+                                                                                       capsys, tiny):
+    src = _sample_save(tmp_path / "a.png")
+    (tmp_path / "somedir.pt").mkdir()
+    for args, message in ((["--ckpt", tmp_path / "somedir.pt"], "somedir.pt: a folder, not a checkpoint file"),
+                          (["--ckpt", sample_strong_ckpt, "--tile", "1"], "--tile must be at least 64 px"),
+                          (["--ckpt", sample_strong_ckpt, "--overlap", "-8"], "overlap, which cannot be negative")):
+        code, _, err = _sample_run([src, *args], capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    for tile, overlap in ((-5, 64), (128, -8), (100, 64)):
+        with pytest.raises(ValueError, match="--tile must be at least 64 px and twice --overlap"):
+            blurdm.deblur_tiled(tiny, torch.rand(1, 3, 8, 8), tile, overlap)
+
+
+def test_train_settings_that_make_no_sense_get_one_argparse_error_each(tmp_path, capsys):
+    cases = ((["--blur-length", "100000"], "--blur-length: paths longer than the 32px crop"),
+             (["--lr", "1e-3", "--lr-min", "1e-2"], "--lr-min must be between 0 and --lr"),
+             (["--iters", "0,0,0"], "--iters: at least one stage needs iterations"),
+             (["--blur-length", "30,4"], "--blur-length LO,HI needs LO <= HI"),
+             (["--iters", "-1,1,1"], "takes 3 numbers >= 0"))
+    for bad, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.cli(["--data", str(tmp_path), *_FAST, *bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_on_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_temp_file(tmp_path, capsys, monkeypatch):
+    data, out = _gopro(tmp_path / "gopro", per_sequence=2), tmp_path / "out"
+    out.mkdir()
+    (out / ".last.tmp99999999.pt").write_bytes(b"left by a killed run")
+    (out / f".last.tmp{os.getppid()}.pt").write_bytes(b"a live process's")
+    save, calls = torch.save, []
+
+    def filling_up(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 1:
+            return save(obj, f, *a, **k)
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3")
+
+    monkeypatch.setattr(torch, "save", filling_up)
+    monkeypatch.setattr(blurdm.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert _train(["--data", data, "--out", out, *_FAST, "--iters", "2,0,0", "--save-every", "1", "--val-count", "0"]) == 1
+    assert f"{out}: the disk is full; last.pt was not written (an earlier one is intact)" in _error_line(capsys.readouterr().err)
+    assert _checkpoint(out / "last.pt")["step"] == 1
+    assert sorted(p.name for p in out.glob(".*")) == [f".last.tmp{os.getppid()}.pt"]
+
+
+def test_train_resume_refuses_changed_photographs_amp_added_and_takes_the_same_folder_by_any_path(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    monkeypatch.chdir(tmp_path)
+    args = ["--out", tmp_path / "out", *_FAST, "--iters", "1,0,0"]
+    assert _train(["--data", "gopro", *args]) == 0
+    assert _train(["--data", data.resolve(), *args]) == 0 and "stage 1 finished" in capsys.readouterr().out
+    assert _train(["--data", data, *args, "--amp", "bf16"]) == 1
+    assert "amp None vs bf16" in _error_line(capsys.readouterr().err)
+    changed = data / "train" / "GOPR0372_07_00" / "sharp" / "000001.png"
+    _png(changed, seed=99, size=(40, 52))
+    assert _train(["--data", data, *args]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "data files added, removed or changed: 1 (train/GOPR0372_07_00/sharp/000001.png)" in line
+
+
+def test_train_ctrl_c_twice_says_what_last_pt_holds(tmp_path, capsys, monkeypatch):
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    load = blurdm.PairDataset.__getitem__
+
+    def getitem(self, item):
+        if item[1] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first asks to stop after this step
+            os.kill(os.getpid(), signal.SIGINT)  # the second aborts at once
+        return load(self, item)
+    monkeypatch.setattr(blurdm.PairDataset, "__getitem__", getitem)
+    assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "9,0,0", "--save-every", "2"]) == 130
+    assert f"aborted; {tmp_path / 'out' / 'last.pt'} holds stage 1 step 2" in capsys.readouterr().out
+
+
+def test_train_eval_only_on_data_without_a_test_split_says_what_it_scores(tmp_path, capsys, tiny):
+    for k in range(2):
+        _png(tmp_path / "pairs" / "blur" / f"{k}.png", k)
+        _png(tmp_path / "pairs" / "sharp" / f"{k}.png", k + 9)
+    blurdm.save_checkpoint(tmp_path / "model.pt", tiny)
+    assert _train(["--data", tmp_path / "pairs", "--eval-only", "--init", tmp_path / "model.pt", "--out",
+                   tmp_path / "eval", "--device", "cpu"]) == 0
+    assert f"note: {tmp_path / 'pairs'} has no test split: scoring its train pairs" in capsys.readouterr().out
+
+
+def test_torchrun_with_a_batch_that_does_not_divide_prints_one_line(tmp_path):
+    args = ["--data", _gopro(tmp_path / "gopro", per_sequence=2), *_FAST, "--batch", "3", "--out", tmp_path / "out"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(_REPO / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=_REPO,
+                            timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert result.returncode != 0 and lines == ["train.py: error: --batch 3 does not divide over the 2 processes"]
+
+
+def test_more_processes_than_gpus_is_one_line_naming_the_gpu_count(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # set by hand, or by torchrun --nproc_per_node=2 on a one-GPU machine
+    assert _train(["--data", tmp_path, "--out", tmp_path / "out", "--device", "cuda"]) == 1
+    assert "2 processes on this machine but 1 GPU: one process a GPU (torchrun --nproc_per_node=1)" in \
+        _error_line(capsys.readouterr().err)
+
+
+# ==============================================================================================================
+# the CUDA paths themselves (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_deblur_in_bf16_and_fp16_stays_close_to_fp32(tiny):
+    model = copy.deepcopy(tiny).cuda()
+    x = torch.rand(1, 3, 64, 80, device="cuda")
+    reference = model.deblur(x)
+    for amp in ("bf16", "fp16"):
+        context, precision, note = blurdm.autocast("cuda", amp)
+        with context:
+            assert precision == amp and note is None and (model.deblur(x) - reference).abs().max() < 0.05
+
+
+@cuda
+def test_cuda_training_with_fp16_grad_scaler_and_compile_runs_and_resumes(tmp_path, capsys):
+    data = _gopro(tmp_path / "gopro", per_sequence=2)
+    args = ["--data", data, "--out", tmp_path / "out", *_FAST[:-2], "--device", "cuda", "--iters", "2,1,2"]
+    assert _train([*args, "--amp", "fp16", "--compile"]) == 0
+    assert _checkpoint(tmp_path / "out" / "last.pt")["scaler"]["scale"] > 0
+
+
+@cuda
+def test_cuda_ddp_with_nccl_on_one_gpu(tmp_path):
+    args = ["--data", _gopro(tmp_path / "gopro", per_sequence=2), *_FAST[:-2], "--device", "cuda", "--iters", "1,1,1",
+            "--out", tmp_path / "out"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             str(_REPO / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=_REPO,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
