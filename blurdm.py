@@ -39,6 +39,7 @@ METHOD.md, beside this file, derives the equations the code cites.
 import argparse
 import copy
 import errno
+import fnmatch
 import functools
 import math
 import os
@@ -190,8 +191,8 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
     A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path
     (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
     re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
-    subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): over
-    51 dB from a 161-sub-frame render, and 2-3x cheaper than 41 on GoPro-like lengths.
+    subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): bilinear
+    sub-frames a pixel apart leave no gaps in the streak, and short paths cost fewer sub-frames than a fixed 41.
     window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows; it is rendered
     with a margin (half the longest path, the path being centred, plus room for rotation and zoom) so that the
     resampling's reflected border stays outside it.
@@ -226,7 +227,8 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
 def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
     """α_0..α_T, β_0..β_T (β_0 = 0) and β̄_0..β̄_T, in float64."""
     alpha = torch.linspace(alpha_start, alpha_end, T + 1, dtype=torch.float64)
-    beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(beta_start, beta_end, T, dtype=torch.float64)])
+    beta = torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.linspace(beta_start, beta_end, T, dtype=torch.float64)])
     beta_bar = torch.zeros(T + 1, dtype=torch.float64)
     for t in range(1, T + 1):
         i = torch.arange(1, t + 1)
@@ -678,17 +680,21 @@ def pad_to_multiple(x, multiple):
 
 
 @torch.inference_mode()
-def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
+def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
     """
     deblur() for images larger than `tile` px: overlapping tiles blended with normalised weights, each modulated by
     the prior of the whole image (as the untiled run is). Tiles are as few as `tile` allows, all one size,
     neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that the network's 1/2 and 1/4 sampling
-    grids fall where they fall in the untiled run. Takes and returns what deblur() does.
+    grids fall where they fall in the untiled run. tile=None: 1536 px on a CPU, on a GPU the largest square whose
+    activations fit in half its free memory; 0: never tile. Takes and returns what deblur() does.
     """
     check_tiling(tile, overlap)
     x = image_batch(blurry, next(model.parameters()).dtype)
+    if tile is None:
+        tile = 1536 if x.device.type != "cuda" else \
+            8 * int((torch.cuda.mem_get_info(x.device)[0] / 2 / activation_bytes(model)) ** 0.5 / 8)
     prior = model.prior_for(x, seed)
-    if max(x.shape[-2:]) <= tile:
+    if not tile or max(x.shape[-2:]) <= tile:
         return model.deblur(blurry, prior=prior)
     H, W = x.shape[-2:]
     overlap = 8 * math.ceil(overlap / 8)
@@ -700,14 +706,22 @@ def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
         for left in xs:
             w = blend_ramp(th, overlap, top > 0, top + th < x.shape[-2], x.device)[:, None] * \
                 blend_ramp(tw, overlap, left > 0, left + tw < x.shape[-1], x.device)  # (th, tw)
-            out[..., top:top + th, left:left + tw] += model.deblur(x[..., top:top + th, left:left + tw], prior=prior) * w
+            window = (..., slice(top, top + th), slice(left, left + tw))
+            out[window] += model.deblur(x[window], prior=prior) * w
             weight[..., top:top + th, left:left + tw] += w
     out = (out / weight)[..., :H, :W]
     return out if blurry.dim() == 4 else out[0]
 
 
+def activation_bytes(model):
+    """Peak memory of MIMO-UNet's activations in fp32 for one pixel of a whole-image forward, about 64 numbers a
+    channel of full-resolution width."""
+    return 64 * 4 * model.cfg.width
+
+
 def check_tiling(tile, overlap):
-    if not (isinstance(tile, int) and isinstance(overlap, int) and 0 <= overlap and tile >= max(64, 2 * overlap)):
+    if not (isinstance(overlap, int) and overlap >= 0 and (tile in (None, 0) or isinstance(tile, int)
+                                                         and tile >= max(64, 2 * overlap))):
         raise ValueError(f"--tile must be at least 64 px and twice --overlap, which cannot be negative (got tile "
                          f"{tile}, overlap {overlap})")
 
@@ -966,7 +980,8 @@ def convert_foreign(path, checkpoint, map_location):
     path, parts = Path(path), {}
     if isinstance(checkpoint, dict) and {"model_state", "model_dm_state", "model_le_state"} & set(checkpoint):
         for key, prefix in (("model_state", ""), ("model_dm_state", ""), ("model_le_state", "le.")):
-            sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{key[6:-6] or 'deblur'}_", path.name))
+            part = key[6:-6] or "deblur"  # model_dm_state -> dm
+            sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_", path.name))
             source = checkpoint if key in checkpoint else torch_load(sibling, map_location, [argparse.Namespace]) \
                 if sibling != path and sibling.is_file() else {}
             weights = source.get(key, {}) if isinstance(source, dict) else {}
@@ -1019,7 +1034,7 @@ def load_model(path, map_location="cpu", deblurrer=None):
                               "(load_model(path, deblurrer=...))")
     if cfg.prior and not any(k.startswith("blur_estimator.") for k in state):
         raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the official code keeps "
-                              "them in final_dm_*.pth, or a stage-3 last_*.pth); train.py --init can start stage 2 from it")
+                              "them in final_dm_*.pth or a stage-3 last_*.pth); train.py --init starts stage 2 from it")
     optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # the official SE: training only
     with torch.device("meta"):
         check_weights(BlurDM(cfg, None if deblurrer is None else copy.deepcopy(deblurrer).to("meta")), state, path,
@@ -1087,6 +1102,28 @@ def walk(folder, recursive=True, depth=None):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive and (depth is None or level < depth) else []
         found += [Path(root) / f for f in files if not f.startswith(".")]
     return sorted(found)
+
+
+def glob_files(base, pattern, recursive=False):
+    """
+    The files under `base` whose path below it matches the glob `pattern` (a tuple of names, each with * ? [...]),
+    and the files of the folders it matches (their direct files; all below them with `recursive`, which also lets
+    ** match any number of folders). Walked as walk() walks, so a folder link loop ends.
+    """
+    def matches(parts, pattern):
+        if not pattern:
+            return not parts
+        if pattern[0] == "**" and recursive:
+            return any(matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and matches(parts[1:], pattern[1:])
+
+    found = []
+    for path in walk(base, recursive=True, depth=None if recursive else len(pattern)):
+        parts = path.relative_to(base).parts
+        folder = next((k for k in range(1, len(parts)) if matches(parts[:k], pattern)), None)  # a matching folder
+        if matches(parts, pattern) or (folder and (recursive or folder == len(parts) - 1)):
+            found.append(path)
+    return found
 
 
 def list_images(folder, recursive=True):
@@ -1169,6 +1206,12 @@ def find_pairs(root):
         raise ValueError(f"{root}: " + (f"no blurry/sharp pairs matched ({problems[0]})" if problems else
                                         f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     return splits, problems
+
+
+def fingerprint(root, splits):
+    """A data set as a resumed run compares it: each file's path below `root`, size and mtime (cheap; names changes)."""
+    files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
+    return [[os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
 
 
 # training samples: a random crop (blurred here for photographs), flips and quarter turns, the same for both images
@@ -1291,7 +1334,8 @@ def read_image(path, extras=False):
             img.load()
             img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError:
-        raise ValueError(f"{path}: image too large (over Pillow's {Image.MAX_IMAGE_PIXELS * 2:,}-pixel bomb limit)") from None
+        limit = Image.MAX_IMAGE_PIXELS * 2
+        raise ValueError(f"{path}: image too large (over Pillow's {limit:,}-pixel bomb limit)") from None
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, SyntaxError, Image.UnidentifiedImageError) as err:

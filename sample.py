@@ -12,7 +12,6 @@ truth (PSNR / SSIM), use train.py --eval-only.
 """
 
 import argparse
-import fnmatch
 import itertools
 import os
 import signal
@@ -56,29 +55,6 @@ def is_input_image(path):
     return path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not path.stem.endswith(OUTPUT_TAG)
 
 
-def matches(parts, pattern, recursive):
-    """Whether path parts match pattern parts as glob does: * within one name, ** across folders (with -r)."""
-    if not pattern:
-        return not parts
-    if pattern[0] == "**" and recursive:
-        return any(matches(parts[i:], pattern[1:], recursive) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and matches(parts[1:], pattern[1:], recursive)
-
-
-def expand_pattern(spec, recursive):
-    """The images a glob pattern names: matching files, and the images of matching folders. Walked with
-    blurdm.walk, so that a folder link back up the tree ends instead of looping."""
-    base = Path(*itertools.takewhile(lambda part: not is_pattern(part), Path(spec).parts))
-    pattern = Path(spec).parts[len(base.parts):]
-    found = []
-    for path in blurdm.walk(base, recursive=True, depth=None if recursive else len(pattern)):
-        parts = path.relative_to(base).parts
-        folder = next((k for k in range(1, len(parts)) if matches(parts[:k], pattern, recursive)), None)
-        if matches(parts, pattern, recursive) or (folder and (recursive or folder == len(parts) - 1)):
-            found.append(path)
-    return [f for f in found if is_input_image(f)], base
-
-
 def find_inputs(specs, recursive):
     """
     The INPUT arguments as [(image, base folder)], and one line for each argument that names no image. Outputs under
@@ -93,8 +69,9 @@ def find_inputs(specs, recursive):
             files = [(f, path) for f in blurdm.list_images(path, recursive) if is_input_image(f)]
             why = "no images in this folder" + ("" if recursive else " (-r looks into sub-folders)")
         elif is_pattern(spec):
-            images, base = expand_pattern(spec, recursive)
-            files, why = [(f, base) for f in images], "no images match this pattern"
+            base = Path(*itertools.takewhile(lambda part: not is_pattern(part), path.parts))
+            files = [(f, base) for f in blurdm.glob_files(base, path.parts[len(base.parts):], recursive) if is_input_image(f)]
+            why = "no images match this pattern"
         if not files:
             problems.append(f"{spec}: {why}")
         found += files
@@ -129,14 +106,6 @@ def load_model(ckpt, device_name):
     return blurdm.load_model(ckpt or DEFAULT_CKPT, map_location="cpu").to(device), device
 
 
-def default_tile(model, device):
-    """1536 px on a CPU; on a GPU the largest square whose activations take at most half the free memory."""
-    if device.type != "cuda":
-        return 1536
-    bytes_per_pixel = 64 * model.cfg.width * 4  # peak activations of a MIMO-UNet forward, per pixel, in fp32
-    return 8 * int((torch.cuda.mem_get_info(device)[0] / 2 / bytes_per_pixel) ** 0.5 / 8)
-
-
 def deblur_file(model, rgb, extras, dst, args, device, amp):
     """Deblur one image (3, H, W) into the file `dst`, atomically; returns the seconds the model took."""
     gray = torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])  # a grayscale file stays grayscale
@@ -146,7 +115,7 @@ def deblur_file(model, rgb, extras, dst, args, device, amp):
             open(tmp, "wb").close()  # an unwritable place fails here, before the image costs any time
             start = time.perf_counter()
             with amp:
-                out = blurdm.deblur_tiled(model, rgb.to(device), args.tile or 1 << 30, args.overlap, args.seed)
+                out = blurdm.deblur_tiled(model, rgb.to(device), args.tile, args.overlap, args.seed)
             out = out.float().cpu()  # waits for the device, so the time is the deblurring's
             seconds = time.perf_counter() - start
             if not torch.isfinite(out).all():
@@ -170,16 +139,16 @@ def main(argv=None):
         inputs, problems = find_inputs(args.inputs, args.recursive)
         outputs = output_paths(inputs, args.out)
         model, device = load_model(args.ckpt, args.device)
-        args.tile = default_tile(model, device) if args.tile is None else args.tile
-        if args.tile:
-            blurdm.check_tiling(args.tile, args.overlap)
+        blurdm.check_tiling(args.tile, args.overlap)
     except (ValueError, OSError) as err:
         say(str(err), error=True)
         return 1
     amp, precision, note = blurdm.autocast(device, args.amp)
     say(f"{args.ckpt or DEFAULT_CKPT} on {device}, {precision} | {len(inputs)} image{'s' * (len(inputs) != 1)}")
-    for line in [note] * bool(note) + [f"{p}" for p in problems]:
-        say(line, error=line != note)
+    if note:
+        say(note)
+    for problem in problems:
+        say(problem, error=True)
 
     input_paths = {src.resolve() for src, _ in inputs}
     skipped, failed, seconds = 0, len(problems), []  # seconds: one entry per image written
@@ -197,34 +166,24 @@ def main(argv=None):
             if extras["alpha"] is not None and dst.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
                 say(f"{tag}: {dst.suffix} has no alpha channel; the transparency is dropped")
             took = deblur_file(model, rgb, extras, dst, args, device, amp)
-        except (ValueError, OSError) as err:
-            failed += 1
-            say(str(err), error=True)
-            continue
-        except (RuntimeError, MemoryError) as err:  # mostly out of memory: say what to change, then carry on
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:  # a bad file, or out of memory: carry on
             failed += 1
             torch.cuda.empty_cache()  # the next image starts from a clean allocator (a no-op without CUDA)
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            say(f"{src}: {first}" + (" (a smaller --tile needs less memory)" if blurdm.out_of_memory(err) else ""),
-                error=True)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # ours name the file; torch's do not
+            hint = " (a smaller --tile needs less memory)" if blurdm.out_of_memory(err) else ""
+            say(first if isinstance(err, (ValueError, OSError)) else f"{src}: {first}{hint}", error=True)
             continue
         seconds.append(took)
         say(f"{tag} -> {dst} | {rgb.shape[2]}x{rgb.shape[1]} | {took:.2f} s")
     bar.close()
 
-    summary = f"done: {len(seconds)} written, {skipped} skipped, {failed} failed"
-    if seconds:
-        summary += f" | {sum(seconds) / len(seconds):.2f} s an image on average ({device}, {precision})"
-    say(summary)
+    average = f" | {sum(seconds) / len(seconds):.2f} s an image on average ({device}, {precision})" if seconds else ""
+    say(f"done: {len(seconds)} written, {skipped} skipped, {failed} failed{average}")
     return 1 if failed else 0
 
 
-def interrupted(signum, frame):  # SIGTERM as Ctrl-C: the temp file of the image in progress is removed
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temp file in progress is removed
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -1846,3 +1846,23 @@ def test_cuda_ddp_with_nccl_on_one_gpu(tmp_path):
                              str(_REPO / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=_REPO,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_readmes_python_runs_as_written(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (_REPO / "README.md").read_text(), re.S)
+    assert len(blocks) == 2
+    for name in ("assets", "weights"):
+        (tmp_path / name).symlink_to(_REPO / name)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert blurdm.read_image("sharp.png").shape == (3, 720, 1280)
+    assert blurdm.load_model("mynet.pt", deblurrer=namespace["MyNet"](64)).cfg == blurdm.BlurDMConfig.preset("demo")
+
+
+def test_the_demo_weights_and_their_training_state_load_unchanged():
+    weights, state = blurdm.load_model(_REPO / "weights" / "blurdm-demo.pt"), blurdm.read_checkpoint(
+        _REPO / "weights" / "blurdm-demo-train.pt")
+    assert weights.cfg == state[0] == BlurDMConfig.preset("demo") and state[2]["step"] > 0
+    assert all(torch.equal(v, state[1][k].half().float()) for k, v in weights.state_dict().items() if v.is_floating_point())

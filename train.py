@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,8 +77,8 @@ def parse_args(argv):
     argv = [f"{a}={argv.pop(i + 1)}" if a in ("--iters", "--blur-length") and i + 1 < len(argv) else a
             for i, a in enumerate(argv)]
     args = p.parse_args(argv)
-    recipe = {**RECIPES[args.preset], **{k: v for k, v in dict(batch_size=args.batch, crop=args.crop, lr=args.lr,
-                                                                 lr_min=args.lr_min, seed=args.seed).items() if v is not None}}
+    given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed)
+    recipe = {**RECIPES[args.preset], **{k: v for k, v in given.items() if v is not None}}
     checks = [(args.eval_only and not args.init, "--eval-only needs --init CKPT"),
               (args.iters and not any(args.iters), "--iters: at least one stage needs iterations"),
               (args.blur_length[0] > args.blur_length[1], "--blur-length LO,HI needs LO <= HI"),
@@ -91,24 +92,6 @@ def parse_args(argv):
         if type(value) is int and not (name in ("batch", "crop", "reuse", "save_every", "log_every")) <= value < 2**63:
             p.error(f"--{name.replace('_', '-')} {value}: out of range")
     return args, recipe
-
-
-@dataclasses.dataclass
-class Context:
-    """What a training step needs to know besides the model: this process, its output and its settings."""
-    args: argparse.Namespace
-    recipe: dict  # crop, batch_size, lr, lr_min, seed
-    run: dict  # what a resumed run must share with the one that saved
-    device: torch.device
-    rank: int
-    world_size: int
-    autocast: object
-    out: Path
-    say: object
-    val_images: list = dataclasses.field(default_factory=list)
-    best: dict = dataclasses.field(default_factory=lambda: {"psnr": None})  # of stages 2-3, kept in best.pt
-    stop: dict = dataclasses.field(default_factory=dict)  # the signal that asked to stop
-    saved: str = ""  # what out/last.pt holds, for a second Ctrl-C
 
 
 def main(argv=None):
@@ -135,7 +118,7 @@ def main(argv=None):
                 f"{np.mean([blurdm.psnr(b, s) for _, b, s in ctx.val_images]):.2f} dB")
     stage_steps = args.iters or [math.ceil(e * len(pairs) / recipe["batch_size"]) for e in recipe["stage_epochs"]]
     ctx.run = dict(**{k: recipe[k] for k in ("crop", "batch_size", "lr", "lr_min", "seed")}, stage_steps=stage_steps,
-                   data=fingerprint(args.data, splits), blur_length=list(args.blur_length), reuse=args.reuse,
+                   data=blurdm.fingerprint(args.data, splits), blur_length=list(args.blur_length), reuse=args.reuse,
                    amp=args.amp)
     model, stages, state = where_to_start(ctx)
     model = model.to(ctx.device, memory_format=blurdm.memory_format(ctx.device))
@@ -147,8 +130,8 @@ def main(argv=None):
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same crops
         samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])
                    for k in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
-        loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers, pin_memory=ctx.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals)
+        loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers, worker_init_fn=ignore_stop_signals,
+                            pin_memory=ctx.device.type == "cuda")
         try:
             if train_stage(model, stage, loader, state, ctx):
                 return 128 + ctx.stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal
@@ -162,7 +145,10 @@ def main(argv=None):
 
 
 def setup(args, recipe):
-    """This process: its rank and device (one GPU a process under torchrun), precision, output folder, signals."""
+    """This process (rank, device: one GPU a process under torchrun; precision, output folder, signals) as the context
+    every step reads: args, recipe, run (what a resumed run must share with the one that saved), device, rank,
+    world_size, autocast, out, say (print on rank 0), val_images, best (best validation PSNR of stages 2-3, kept in
+    best.pt), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                              ("WORLD_SIZE", 1)))
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -170,10 +156,10 @@ def setup(args, recipe):
     if recipe["batch_size"] % world_size:
         raise ValueError(f"--batch {recipe['batch_size']} does not divide over the {world_size} processes")
     if device.type == "cuda":
-        gpus = torch.cuda.device_count()
-        if max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) > gpus:
-            raise ValueError(f"{int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))} processes on this machine "
-                             f"but {gpus} GPU{'s' * (gpus != 1)}: one process a GPU (torchrun --nproc_per_node={gpus})")
+        gpus, processes = torch.cuda.device_count(), max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if processes > gpus:
+            raise ValueError(f"{processes} processes on this machine but {gpus} GPU{'s' * (gpus != 1)}: one process a "
+                             f"GPU (torchrun --nproc_per_node={gpus})")
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -188,7 +174,8 @@ def setup(args, recipe):
         say(f"note: {note}")
     (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     blurdm.remove_stale_temps(out)
-    ctx = Context(args, recipe, {}, device, rank, world_size, autocast, out, say)
+    ctx = SimpleNamespace(args=args, recipe=recipe, run={}, device=device, rank=rank, world_size=world_size,
+                          autocast=autocast, out=out, say=say, val_images=[], best={"psnr": None}, stop={}, saved="")
     signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))
     signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
     return ctx
@@ -208,8 +195,9 @@ def train_stage(model, stage, loader, state, ctx):
     if ctx.world_size > 1:
         forward = DDP(forward, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     what = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
-    ctx.say(f"stage {stage} ({what if model.cfg.prior else 'no prior'}): steps {step}..{total}, batch "
-            f"{ctx.recipe['batch_size']} of {ctx.recipe['crop']}px crops, lr {ctx.recipe['lr']:g} -> {ctx.recipe['lr_min']:g}")
+    what, r = what if model.cfg.prior else "no prior", ctx.recipe
+    ctx.say(f"stage {stage} ({what}): steps {step}..{total}, batch {r['batch_size']} of {r['crop']}px crops, "
+            f"lr {r['lr']:g} -> {r['lr_min']:g}")
     log = open(ctx.out / "log.jsonl", "a") if ctx.rank == 0 else None
     batches = iter(loader)
     while step < total:
@@ -217,7 +205,7 @@ def train_stage(model, stage, loader, state, ctx):
         blur, sharp = (x.to(ctx.device, non_blocking=True, memory_format=blurdm.memory_format(ctx.device))
                        for x in next(batches))
         t1 = time.perf_counter()
-        torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # the chain's ε, dropout: replayable
+        torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # the chain's ε, dropout: replay
         with ctx.autocast:
             loss = forward(blur, sharp, stage)  # the stage's loss; DDP syncs the gradients through forward
         stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(ctx.stop)), device=ctx.device)])
@@ -236,7 +224,8 @@ def train_stage(model, stage, loader, state, ctx):
         step += 1
         ms, data_ms = 1000 * (time.perf_counter() - t0), 1000 * (t1 - t0)
         if log and (step % ctx.args.log_every == 0 or step == total):
-            ctx.say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms (data {data_ms:.0f})")
+            ctx.say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms "
+                    f"(data {data_ms:.0f})")
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, step_ms=round(ms, 2),
                                   data_ms=round(data_ms, 2), time=time.time())), file=log, flush=True)
         checkpoint = functools.partial(save, model, ctx, stage=stage, step=step, **parts)
@@ -247,19 +236,18 @@ def train_stage(model, stage, loader, state, ctx):
                 raise ValueError(f"weights not finite at stage {stage} step {step}; stopped, last checkpoint kept")
             checkpoint("last.pt", *[f"stage{stage}.pt"] * (step == total))
         if stopping:
-            ctx.say(f"stopped at stage {stage} step {step}; saved {ctx.out / 'last.pt'}; rerun the same command to resume")
+            ctx.say(f"stopped at stage {stage} step {step}; saved {ctx.out / 'last.pt'}; rerun the command to resume")
             return True
     if ctx.world_size > 1:
         dist.barrier()  # the next stage starts from the same weights on every rank
     return False
 
 
-def save(model, ctx, *names, stage, step, optimizer, scheduler, scaler):
-    """Write the training state under each name in out/ (rank 0)."""
+def save(model, ctx, *names, stage, step, **parts):
+    """Write the training state (parts: optimizer, scheduler, scaler) under each name in out/ (rank 0)."""
     for name in names if ctx.rank == 0 else ():
         blurdm.save_checkpoint(ctx.out / name, model, stage=stage, step=step, run=ctx.run, best_psnr=ctx.best["psnr"],
-                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               scaler=scaler.state_dict())
+                               **{k: part.state_dict() for k, part in parts.items()})
         ctx.saved = f"{ctx.out / name} holds stage {stage} step {step}" if name == "last.pt" else ctx.saved
 
 
@@ -283,9 +271,10 @@ def where_to_start(ctx):
     torch.manual_seed(ctx.recipe["seed"])  # the same initial weights in every process and every run of a command
     if last.exists():
         cfg, weights, state = blurdm.read_checkpoint(last)
-        differing = [k for k in ctx.run if state.get("run", {}).get(k) != ctx.run[k]]
-        if differing:
-            detail = ", ".join(describe_change(k, state.get("run", {}).get(k), ctx.run[k]) for k in differing)
+        saved_run = state.get("run", {})
+        if differing := [k for k in ctx.run if saved_run.get(k) != ctx.run[k]]:
+            detail = ", ".join(changed_files(saved_run.get(k), ctx.run[k]) if k == "data" else
+                               f"{k} {saved_run.get(k)} vs {ctx.run[k]}" for k in differing)
             raise ValueError(f"{last}: saved by a run with other settings ({detail}); rerun its command to resume, "
                              "or pass another --out")
         model = blurdm.BlurDM(cfg)
@@ -303,35 +292,30 @@ def where_to_start(ctx):
     cfg, weights, _ = blurdm.read_checkpoint(args.init)
     if args.no_prior and cfg.prior:
         raise ValueError(f"{args.init}: its deblurrer was trained with a prior; --no-prior needs a backbone alone")
-    new_prior = cfg.prior != (not args.no_prior)  # a published backbone gains a prior whose fusion starts at identity
+    new_prior = not cfg.prior and not args.no_prior  # a published backbone gains a prior, its fusion the identity
     model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
-    optional = blurdm.PRIOR_PARTS if new_prior or stages[0] == 1 else blurdm.PRIOR_PARTS[1:4] if stages[0] == 2 \
-        else blurdm.PRIOR_PARTS[:1]  # a stage trains what it needs but from what the stages before it made
-    blurdm.load_weights(model, weights, args.init, optional)
+    blurdm.load_weights(model, weights, args.init, blurdm.PRIOR_PARTS if stages[0] < 3 else blurdm.PRIOR_PARTS[:1])
     ctx.say(f"stage {stages[0]} starts from the weights of {args.init}" + (
         " (a backbone: the prior networks are new, their fusion starts as the identity)" if new_prior else ""))
     return model, stages, None
 
 
-def describe_change(key, before, now):
-    if key != "data":
-        return f"{key} {before} vs {now}"
+def changed_files(before, now):
     before, now = ({f: rest for f, *rest in files or []} for files in (before, now))  # {file: [size, mtime]}
     changed = [f for f in sorted(before.keys() | now.keys()) if before.get(f) != now.get(f)]
-    return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{', ...' * (len(changed) > 3)})"
+    more = ", ..." * (len(changed) > 3)
+    return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{more})"
 
 
+@torch.inference_mode()
 def evaluate(model, images, device, stage=3, tile=2048):
     """(PSNR, SSIM) of each (name, blur, sharp) uint8 image (METHOD.md §6); stage 1 uses SE(blur, sharp) as prior."""
     model.eval()
     for _, blur_u8, sharp_u8 in images:
         blur, sharp = (x.to(device)[None].float() / 255 for x in (blur_u8, sharp_u8))
-        if model.cfg.prior and stage == 1:
-            with torch.inference_mode():
-                out = model.deblur(blur, prior=model.sharp_latent(blurdm.pad_to_multiple(blur, 8),
-                                                                  blurdm.pad_to_multiple(sharp, 8)))
-        else:
-            out = blurdm.deblur_tiled(model, blur, tile)
+        pad = functools.partial(blurdm.pad_to_multiple, multiple=8)
+        out = model.deblur(blur, prior=model.sharp_latent(pad(blur), pad(sharp))) if model.cfg.prior and stage == 1 \
+            else blurdm.deblur_tiled(model, blur, tile)
         out = blurdm.to_uint8(out[0])
         yield blurdm.psnr(out, sharp_u8.to(device)), blurdm.ssim(out, sharp_u8.to(device))
 
@@ -343,10 +327,10 @@ def evaluate_test_split(ctx, splits):
     if split != "test":
         ctx.say(f"note: {ctx.args.data} has no test split: scoring its {split} pairs")
     with ctx.autocast:
-        for name, blur, sharp in blurdm.validation_images(splits[split], 0, ctx.recipe["seed"], ctx.args.blur_length, ctx.say):
-            (psnr, ssim), = evaluate(model, [(name, blur, sharp)], ctx.device)
-            rows.append((name, f"{psnr:.4f}", f"{ssim:.6f}"))
-            ctx.say(f"{name} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
+        for image in blurdm.validation_images(splits[split], 0, ctx.recipe["seed"], ctx.args.blur_length, ctx.say):
+            psnr, ssim = next(evaluate(model, [image], ctx.device))
+            rows.append((image[0], f"{psnr:.4f}", f"{ssim:.6f}"))
+            ctx.say(f"{image[0]} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
     if not rows:
         raise ValueError(f"{ctx.args.data}: no {split} pair could be read")
     with blurdm.atomic_path(ctx.out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -354,12 +338,6 @@ def evaluate_test_split(ctx, splits):
     ctx.say(f"mean of {len(rows)}: PSNR {np.mean([float(r[1]) for r in rows]):.2f} dB (uint8 RGB, whole image) | SSIM "
             f"{np.mean([float(r[2]) for r in rows]):.4f} ({blurdm.SSIM_RECIPE}) | {ctx.out / 'scores.csv'}")
     return 1 if len(rows) < len(splits[split]) else 0  # a test image could not be read
-
-
-def fingerprint(root, splits):
-    """The data as a resume compares it: each file's path below --data, size and mtime (cheap, and names changes)."""
-    files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
-    return [[os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
 
 
 def numbers(kind, count):

@@ -108,7 +108,7 @@ def example():
 
 def figure(weights=ROOT / "weights" / "blurdm-demo.pt"):
     """The README's figure: the example blurry | deblurred with the demo weights | sharp, each at half size."""
-    model = blurdm.BlurDM.from_checkpoint(weights).float()
+    model = blurdm.load_model(weights).float()
     blurry = blurdm.read_image(ASSETS / "example_blurry.png")
     sharp = blurdm.read_image(ASSETS / "example_sharp.png")
     with torch.inference_mode():
@@ -125,8 +125,7 @@ def figure(weights=ROOT / "weights" / "blurdm-demo.pt"):
 
 def ship(state, weights=ROOT / "weights" / "blurdm-demo.pt"):
     """The shipped weights: a training checkpoint's config and weights, in fp16 (half the bytes, same scores)."""
-    model = blurdm.BlurDM.from_checkpoint(state)
-    model.half().save(weights)
+    blurdm.save_checkpoint(weights, blurdm.load_model(state).half())
     print(f"{weights}: the weights of {state} in fp16")
 
 
