@@ -139,15 +139,18 @@ def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120
     return path - (path[(n - 1) // 2] + path[n // 2]) / 2
 
 
-def warp(image, dx, dy, angle, log_zoom):
-    """Resample (B, C, H, W) moved by (dx, dy) pixels, rotated and zoomed about the centre (bilinear)."""
-    _, _, H, W = image.shape
-    s = math.exp(log_zoom)
-    cos, sin = s * math.cos(angle), s * math.sin(angle)
-    # the affine map in pixel units, rescaled to grid_sample's [-1, 1] coordinates on a non-square image
-    theta = torch.tensor([[cos, -sin * H / W, 2 * dx / W], [sin * W / H, cos, 2 * dy / H]],
-                         dtype=image.dtype, device=image.device)
-    grid = F.affine_grid(theta.expand(image.shape[0], 2, 3), list(image.shape), align_corners=False)
+def affine_theta(path, H, W):
+    """Camera path rows (..., 4): dx, dy in pixels, rotation, log zoom -> grid_sample's affine matrices (..., 2, 3)
+    for an H x W image: the move, and the rotation and zoom about the centre, in [-1, 1] coordinates."""
+    dx, dy, angle, log_zoom = path.unbind(-1)
+    cos, sin = log_zoom.exp() * angle.cos(), log_zoom.exp() * angle.sin()
+    return torch.stack([torch.stack([cos, -sin * H / W, 2 * dx / W], -1),
+                        torch.stack([sin * W / H, cos, 2 * dy / H], -1)], -2)
+
+
+def warp(image, theta):
+    """Resample (B, C, H, W) by affine matrices (B, 2, 3) (bilinear, reflected at the border)."""
+    grid = F.affine_grid(theta.to(image), list(image.shape), align_corners=False)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -174,8 +177,9 @@ def render_exposures(sharp, path, alpha):
     radiance = srgb_to_linear(sharp)
     integral = torch.zeros(len(alpha), *sharp.shape, dtype=sharp.dtype, device=sharp.device)  # ∫_0^{α_t} H
     e = torch.zeros_like(integral)
+    theta = affine_theta(path, *sharp.shape[-2:])  # (N, 2, 3)
     for j in range(n):
-        frame = warp(radiance, *path[j].tolist())
+        frame = warp(radiance, theta[j].expand(sharp.shape[0], 2, 3))
         integral += exposure_weight[:, j].view(-1, 1, 1, 1, 1) * frame
         e += residual_weight[:, j].view(-1, 1, 1, 1, 1) * frame
     B = integral / alpha.to(sharp).view(-1, 1, 1, 1, 1)
@@ -193,18 +197,26 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
     re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
     subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): bilinear
     sub-frames a pixel apart leave no gaps in the streak, and short paths cost fewer sub-frames than a fixed 41.
-    window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows; it is rendered
-    with a margin (half the longest path, the path being centred, plus room for rotation and zoom) so that the
-    resampling's reflected border stays outside it.
+    window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows.
+    """
+    region, path, noise = blur_draws(sharp, generator, length, subframes, max_rotation, max_zoom, noise, window)
+    blurry = expose(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
+    return (blurry, centre(region, noise.shape[-2:])) if window else blurry
+
+
+def blur_draws(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
+               noise=(0.0, 0.01), window=None):
+    """
+    The random part of synthesize_blur, to render elsewhere (expose: on a GPU, a batch at a time) -> (region, path,
+    noise). region: the image, or with a window its (h, w) part and a margin around it (half the longest path, the
+    path being centred, plus room for rotation and zoom; reflected where it leaves the image), so that the
+    resampling's reflected border stays outside the window; path (N, 4) (camera_shake); noise: the sensor noise of
+    the image or window, (3, h, w).
     """
     if window is not None:
         top, left, h, w = window
         m = math.ceil(length[1] / 2) + 8
-        t, l = max(top - m, 0), max(left - m, 0)
-        region = sharp[:, t:top + h + m, l:left + w + m]
-        blurry = synthesize_blur(region, generator, length, subframes, max_rotation, max_zoom, noise)
-        inner = (slice(None), slice(top - t, top - t + h), slice(left - l, left - l + w))
-        return blurry[inner], region[inner]
+        sharp = crop_reflected(sharp, top - m, left - m, h + 2 * m, w + 2 * m)
 
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
@@ -214,10 +226,44 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
     n = subframes or 2 * math.ceil(path_length / 2) + 1
     path = camera_shake(n, path_length, uniform(-max_rotation, max_rotation) * varying,
                         uniform(-max_zoom, max_zoom) * varying, generator=generator)
-    B, _ = render_exposures(sharp[None], path, alpha=(1.0,))  # one exposure window: the whole path
-    blurry = linear_to_srgb(B[-1, 0])
-    blurry = blurry + uniform(*noise) * torch.randn(blurry.shape, generator=generator).to(blurry)
+    std = uniform(*noise)
+    noise = std * torch.randn(sharp.shape, generator=generator).to(sharp)  # drawn for the region, in its order
+    return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
+
+
+def expose(regions, paths, counts, noise):
+    """
+    Blur formation for a batch, each image along its own camera path: regions (B, 3, H, W) sRGB in [0, 1], paths
+    (B, N, 4) whose first counts[b] rows are sample b's sub-frames -> (B, 3, h, w) sRGB: the mean of those sub-frames
+    in linear light (one exposure window of render_exposures), its centre (h, w) = noise's, plus noise, in 8 bits.
+    One grid_sample a sub-frame for the whole batch.
+    """
+    radiance, (H, W) = srgb_to_linear(regions), regions.shape[-2:]
+    total = torch.zeros_like(radiance)
+    for k in range(paths.shape[1]):
+        used = (k < counts).to(radiance).view(-1, 1, 1, 1)  # a sample with fewer sub-frames adds nothing here
+        total += used * warp(radiance, affine_theta(paths[:, k], H, W))
+    blurry = centre(linear_to_srgb(total / counts.to(radiance).view(-1, 1, 1, 1)), noise.shape[-2:]) + noise
     return (blurry.clamp(0, 1) * 255).round() / 255
+
+
+def crop_reflected(image, top, left, h, w):
+    """image[..., top:top + h, left:left + w] for a window that may leave the image: reflected there (replicated
+    where the image is too small to reflect)."""
+    H, W = image.shape[-2:]
+    pad = (max(-left, 0), max(left + w - W, 0), max(-top, 0), max(top + h - H, 0))
+    inside = image[..., max(top, 0):top + h, max(left, 0):left + w]
+    if not any(pad):
+        return inside
+    mode = "reflect" if max(pad[:2]) < inside.shape[-1] and max(pad[2:]) < inside.shape[-2] else "replicate"
+    return F.pad(inside[None], pad, mode=mode)[0]
+
+
+def centre(image, size):
+    """The central (h, w) part of (..., H, W)."""
+    (H, W), (h, w) = image.shape[-2:], size
+    return image[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1230,12 +1276,17 @@ def load_pair(blur_path, sharp_path, min_size=1):
 
 
 class PairDataset(Dataset):
-    """Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
+    """
+    Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
     Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a large part of a small
-    model's step on a CPU) and turned or flipped its own way each time."""
+    model's step on a CPU) and turned or flipped its own way each time. With blur_on_device, a photograph's item is
+    what render_batch needs to blur a whole batch where the model trains (a GPU, which a CPU cannot keep fed).
+    """
 
-    def __init__(self, pairs, crop, blur_length, seed, reuse=1):
+    def __init__(self, pairs, crop, blur_length, seed, reuse=1, blur_on_device=False):
         self.pairs, self.crop, self.blur_length, self.seed, self.reuse = pairs, crop, blur_length, seed, reuse
+        self.blur_on_device = blur_on_device
+        self.subframes = 2 * math.ceil(blur_length[1] / 2) + 1  # the most a camera path can have
         self.warned, self.rendered = set(), {}
 
     def __getitem__(self, item):
@@ -1244,6 +1295,8 @@ class PairDataset(Dataset):
             self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
         flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
+        if len(self.rendered[key]) == 4:  # (region, path, sub-frames, noise): render_batch blurs it
+            return *self.rendered[key], flip, turns
         pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
         return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
 
@@ -1261,11 +1314,24 @@ class PairDataset(Dataset):
         else:
             raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
         top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
-        if blur is None:  # a photograph: blurred here (subframes None: one a pixel of camera path)
-            blur, sharp = synthesize_blur(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
+        if blur is None:  # a photograph: blurred here or by render_batch (subframes None: one a pixel of camera path)
+            region, path, noise = blur_draws(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
+            if self.blur_on_device:
+                return region, F.pad(path, (0, 0, 0, self.subframes - len(path))), len(path), noise
+            blur = expose(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
+            sharp = centre(region, (c, c))
         else:
             blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
         return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
+
+
+def render_batch(batch, device):
+    """A collated batch of PairDataset(blur_on_device=True) items -> (blur, sharp), each (B, 3, c, c) in [0, 1] on
+    `device`: the photographs blurred by one expose() of the batch, then turned and flipped as each item drew."""
+    regions, paths, counts, noise, flips, turns = (x.to(device, non_blocking=True) for x in batch)
+    pairs = torch.stack([expose(regions, paths, counts, noise), centre(regions, noise.shape[-2:])], 1)
+    pairs = [torch.rot90(p.flip(-1) if f else p, t, (-2, -1)) for p, f, t in zip(pairs, flips.tolist(), turns.tolist())]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def validation_images(pairs, crop, seed, blur_length, say):

@@ -995,6 +995,18 @@ def test_train_reuse_serves_one_rendered_crop_for_that_many_steps_each_time_turn
     assert all(torch.equal(a, b) for a, b in zip(fresh[(3, 6, 0)], samples[6]))
 
 
+def test_photographs_blurred_a_batch_at_a_time_where_the_model_trains_equal_those_blurred_one_by_one(tmp_path):
+    _png(tmp_path / "photo.png", 3, size=(80, 96))
+    pairs = [(None, str(tmp_path / "photo.png"))]
+    one_by_one = blurdm.PairDataset(pairs, 32, (4.0, 30.0), seed=0, reuse=2)
+    batched = blurdm.PairDataset(pairs, 32, (4.0, 30.0), seed=0, reuse=2, blur_on_device=True)
+    items = [(3, step, k) for step in range(3) for k in range(4)]
+    blur, sharp = blurdm.render_batch(torch.utils.data.default_collate([batched[i] for i in items]), "cpu")
+    assert len({batched[i][2] for i in items}) > 1  # paths of several lengths in one batch
+    for j, item in enumerate(items):
+        assert torch.equal(blur[j], one_by_one[item][0]) and torch.equal(sharp[j], one_by_one[item][1])
+
+
 def test_train_photographs_get_a_synthetic_blur_of_the_same_crop_as_long_as_blur_length_says(tmp_path):
     _png(tmp_path / "photo.png", 3, size=(96, 96))
     pairs, change = [(None, str(tmp_path / "photo.png"))], {}

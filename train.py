@@ -124,7 +124,8 @@ def main(argv=None):
     model = model.to(ctx.device, memory_format=blurdm.memory_format(ctx.device))
     if ctx.world_size > 1 and ctx.device.type == "cuda":  # SE's BatchNorm sees the global batch, as on one GPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, recipe["seed"], args.reuse)
+    on_gpu = ctx.device.type == "cuda" and pairs[0][0] is None  # photographs: blurred on the GPU, a batch at once
+    dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, recipe["seed"], args.reuse, on_gpu)
     per_rank = recipe["batch_size"] // ctx.world_size
     workers = args.workers if args.workers is not None else 4 * (ctx.device.type == "cuda")
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same crops
@@ -202,8 +203,9 @@ def train_stage(model, stage, loader, state, ctx):
     batches = iter(loader)
     while step < total:
         t0 = time.perf_counter()
+        batch = blurdm.render_batch(next(batches), ctx.device) if loader.dataset.blur_on_device else next(batches)
         blur, sharp = (x.to(ctx.device, non_blocking=True, memory_format=blurdm.memory_format(ctx.device))
-                       for x in next(batches))
+                       for x in batch)
         t1 = time.perf_counter()
         torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # the chain's ε, dropout: replay
         with ctx.autocast:
