@@ -62,12 +62,11 @@ def run_case(preset, size, device, repeat, train_step, compile_model, amp, reuse
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    amp_context, precision, note = blurdm.autocast(device, amp)  # fp32 where --amp cannot run natively
+    autocast, precision, note = blurdm.autocast(device, amp)  # fp32 where --amp cannot run natively
     if note:
         print(f"note: {note}", file=sys.stderr)
-    autocast = lambda: amp_context
 
-    with autocast():
+    with autocast:
         total = timed(lambda: model.deblur(x), device, repeat)
         prior = timed(lambda: model.prior_for(x), device, repeat) if model.cfg.prior else 0.0
     row = dict(preset=preset, size=f"{W}x{H}", device=str(device), precision=precision,
@@ -92,7 +91,7 @@ def run_case(preset, size, device, repeat, train_step, compile_model, amp, reuse
             blur, sharp = (x.to(device, memory_format=memory_format) for x in items)
             sync(device)
             data_time.append(time.perf_counter() - t0)
-            with autocast():
+            with autocast:
                 loss = model(blur, sharp, stage=3)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,7 +126,7 @@ def main():
     parser.add_argument("--json", default="bench.json", help="where to write the table")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
     args = parser.parse_args()
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(blurdm.pick_device(args.device))
     if args.case:
         preset, size, train = args.case.split(":")
         W, H = map(int, size.split("x"))

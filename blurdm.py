@@ -29,9 +29,11 @@ Sections, in reading order:
     3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop        (§2-3)
     4. Latent prior          encoders, residual estimators, prior fusion module           (§4)
     5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level
-    6. The full model        BlurDM on any deblurrer: stages, losses, deblur() in tiles   (§5)
-    7. Metrics               PSNR and the 3-D SSIM of the paper's tables                  (§6)
-    8. Files                 checkpoints, images, data sets on disk, device and precision
+    6. The full model        BlurDM on any deblurrer: stages and their losses, deblur()   (§5)
+    7. Tiles                 deblur_tiled: large images, one prior for the whole image
+    8. Metrics               PSNR and the 3-D SSIM of the paper's tables                  (§6)
+    9. Checkpoints           this project's, MIMO-UNet's and the official code's; export
+    10. Files                images, data sets on disk, training samples; device and precision
 
 METHOD.md, beside this file, derives the equations the code cites.
 """
@@ -107,7 +109,8 @@ PRESETS = {
 
 
 def srgb_to_linear(x):
-    x = x.clamp(0, 1)  # IEC 61966-2-1
+    """sRGB values in [0, 1] -> linear light in [0, 1] (IEC 61966-2-1); linear_to_srgb is its inverse."""
+    x = x.clamp(0, 1)
     return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
 
 
@@ -207,28 +210,33 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
 def blur_draws(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
                noise=(0.0, 0.01), window=None):
     """
-    The random part of synthesize_blur, to render elsewhere (expose: on a GPU, a batch at a time) -> (region, path,
-    noise). region: the image, or with a window its (h, w) part and a margin around it (half the longest path, the
-    path being centred, plus room for rotation and zoom; reflected where it leaves the image), so that the
-    resampling's reflected border stays outside the window; path (N, 4) (camera_shake); noise: the sensor noise of
-    the image or window, (3, h, w).
+    The random part of synthesize_blur, to render elsewhere (expose: on a GPU, a batch at a time). sharp: sRGB
+    (3, H, W), floats in [0, 1] or uint8 -> (region, path, noise). region: the image in [0, 1], or with a window its
+    (h, w) part and a margin around it (half the longest path, the path being centred, plus room for rotation and
+    zoom; reflected where it leaves the image), so that the resampling's reflected border stays outside the window;
+    path (N, 4) (camera_shake); noise: the sensor noise of the image or window, (3, h, w).
     """
     if window is not None:
         top, left, h, w = window
         m = math.ceil(length[1] / 2) + 8
         sharp = crop_reflected(sharp, top - m, left - m, h + 2 * m, w + 2 * m)
+    sharp = sharp / 255 if sharp.dtype == torch.uint8 else sharp  # an 8-bit photograph, converted once cropped
 
     def uniform(lo, hi):
         return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
 
     varying = torch.rand((), generator=generator).item() < 0.5
     path_length = uniform(*length)
-    n = subframes or 2 * math.ceil(path_length / 2) + 1
+    n = subframes or one_subframe_a_pixel(path_length)
     path = camera_shake(n, path_length, uniform(-max_rotation, max_rotation) * varying,
                         uniform(-max_zoom, max_zoom) * varying, generator=generator)
     std = uniform(*noise)
     noise = std * torch.randn(sharp.shape, generator=generator).to(sharp)  # drawn for the region, in its order
     return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
+
+
+def one_subframe_a_pixel(path_length):
+    return 2 * math.ceil(path_length / 2) + 1  # odd: the middle sub-frame is the sharp image
 
 
 def expose(regions, paths, counts, noise):
@@ -340,7 +348,8 @@ class EncoderBlock(nn.Module):
 class LatentEncoder(nn.Module):
     """
     Two images -> one latent vector (the official LE_arch). Used twice: as the sharp encoder SE(blur, sharp), with
-    BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs need H and W divisible by 4.
+    BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs: images minus cfg.input_offset (in
+    [-0.5, 0.5]), H and W divisible by 4.
     """
 
     def __init__(self, cfg, batch_norm):
@@ -374,7 +383,7 @@ class ResidualEstimator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x_t, t_frac, c):
-        h = torch.cat([c, t_frac, x_t], 1).to(self.net[0].weight.dtype)  # (B, 2d + 1): the chain runs in fp32 at least
+        h = torch.cat([c, t_frac, x_t], 1).to(self.net[0].weight.dtype)  # (B, 2d + 1), in the weights' dtype
         return self.net(h).to(x_t.dtype)  # (B, d)
 
 
@@ -472,7 +481,8 @@ class FeatureFusion(nn.Module):
 class MIMOUNet(nn.Module):
     """
     MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output, three scales.
-    Input (B, 3, H, W) in [-0.5, 0.5] with H, W divisible by 4; returns the restored image at 1/4, 1/2 and full
+    Input (B, 3, H, W), the image minus cfg.input_offset ([-0.5, 0.5], or [0, 1] for MIMO-UNet's own weights), H
+    and W divisible by 4; returns the restored image (in the input's range) at 1/4, 1/2 and full
     scale, each the network's residual added to the equally scaled input. With cfg.prior the prior fusion modules
     modulate the input of each decoder stage; without, the network is the plain backbone.
     """
@@ -665,11 +675,11 @@ class BlurDM(nn.Module):
     @torch.inference_mode()
     def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
         """
-        Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and W -> the sharp
-        estimate, same shape, floats in [0, 1] in the model's dtype. All T steps run; `seed` fixes ε (official:
+        Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and W, on any device
+        -> the sharp estimate, same shape and device, floats in [0, 1]. All T steps run; `seed` fixes ε (official:
         2023); `prior` may be passed in instead (deblur_tiled passes the whole image's to every tile).
         """
-        x = image_batch(blurry, next(self.parameters()).dtype)
+        x = image_batch(blurry, next(self.parameters()))
         modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
         self.eval()
         try:
@@ -677,7 +687,7 @@ class BlurDM(nn.Module):
         finally:
             for module, training in modes:
                 module.training = training
-        return out if blurry.dim() == 4 else out[0]
+        return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
 
     def deblur_whole(self, blurry, prior):
         """The deblurrer on (B, 3, H, W) in [0, 1], padded to a multiple of 8 (reflect) and cropped back."""
@@ -686,8 +696,9 @@ class BlurDM(nn.Module):
         return self.restore(x, prior)[-1][..., :H, :W].clamp(0, 1).contiguous()
 
 
-def image_batch(images, dtype=torch.float32):
-    """What deblur accepts -> (B, 3, H, W) in [0, 1] of `dtype`; one-line ValueErrors for anything else."""
+def image_batch(images, like):
+    """What deblur accepts -> (B, 3, H, W) in [0, 1] with the dtype and device of the tensor `like`; one-line
+    ValueErrors for anything else."""
     if not isinstance(images, torch.Tensor):
         raise ValueError(f"deblur expects a torch tensor (B, 3, H, W) in [0, 1], not a {type(images).__name__}; "
                          "for images of different sizes, call it once per image")
@@ -703,7 +714,7 @@ def image_batch(images, dtype=torch.float32):
     low, high = x.min().item(), x.max().item()
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"deblur expects floats in [0, 1] (or uint8), got values in [{low:g}, {high:g}]")
-    return x.clamp(0, 1).to(dtype)
+    return x.clamp(0, 1).to(like)
 
 
 def memory_format(device):
@@ -735,10 +746,11 @@ def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
     activations fit in half its free memory; 0: never tile. Takes and returns what deblur() does.
     """
     check_tiling(tile, overlap)
-    x = image_batch(blurry, next(model.parameters()).dtype)
-    if tile is None:
-        tile = 1536 if x.device.type != "cuda" else \
-            8 * int((torch.cuda.mem_get_info(x.device)[0] / 2 / activation_bytes(model)) ** 0.5 / 8)
+    x = image_batch(blurry, next(model.parameters()))
+    if tile is None and x.device.type == "cuda":  # the largest square whose activations fit in half the free memory
+        free = torch.cuda.mem_get_info(x.device)[0]
+        tile = max(64, 2 * overlap, 8 * int((free / 2 / (ACTIVATION_FLOATS * 4 * model.cfg.width)) ** 0.5 / 8))
+    tile = 1536 if tile is None else tile
     prior = model.prior_for(x, seed)
     if not tile or max(x.shape[-2:]) <= tile:
         return model.deblur(blurry, prior=prior)
@@ -756,13 +768,10 @@ def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
             out[window] += model.deblur(x[window], prior=prior) * w
             weight[..., top:top + th, left:left + tw] += w
     out = (out / weight)[..., :H, :W]
-    return out if blurry.dim() == 4 else out[0]
+    return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
 
 
-def activation_bytes(model):
-    """Peak memory of MIMO-UNet's activations in fp32 for one pixel of a whole-image forward, about 64 numbers a
-    channel of full-resolution width."""
-    return 64 * 4 * model.cfg.width
+ACTIVATION_FLOATS = 64  # a bound on the numbers MIMO-UNet keeps alive per pixel and channel of width, for --tile
 
 
 def check_tiling(tile, overlap):
@@ -893,17 +902,21 @@ def save_checkpoint(path, model, **extra):
     checkpoint = {"format": "blurdm", "config": asdict(model.cfg), "model": model.state_dict(),
                   **({"deblurrer": name} if name != "MIMOUNet" else {}), **extra}
     path = Path(path)
+    if not path.parent.is_dir():
+        raise OSError(f"{path.parent}: no such folder")
     try:
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as a RuntimeError
-        if shutil.disk_usage(path.parent).free < 2 ** 26 or getattr(err, "errno", None) == errno.ENOSPC:
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as "file write failed"
+        full = getattr(err, "errno", None) == errno.ENOSPC or ("write failed" in str(err) and
+                                                              shutil.disk_usage(path.parent).free < 2 ** 26)
+        if full:
             raise OSError(f"{path.parent}: the disk is full; {path.name} was not written (an earlier one is intact)") \
                 from None
-        raise OSError(f"{path}: cannot write ({str(err).strip().splitlines()[-1]})") from None
+        raise OSError(f"{path}: cannot write ({(str(err).strip().splitlines() or [type(err).__name__])[-1]})") from None
 
 
-def torch_load(path, map_location="cpu", allowed=()):
+def torch_load(path, allowed=()):
     """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may rebuild), and a
     one-line error for anything else."""
     path = Path(path)
@@ -917,7 +930,7 @@ def torch_load(path, map_location="cpu", allowed=()):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)")
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # garbage bytes surface as any of a dozen exception types
         if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class or function to import
             raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
@@ -925,13 +938,13 @@ def torch_load(path, map_location="cpu", allowed=()):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
 
 
-def read_checkpoint(path, map_location="cpu"):
+def read_checkpoint(path):
     """
     A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the file's dict). This
     project's files are read as they are; MIMO-UNet's and the official BlurDM code's are converted (see below).
     Every weight must be a finite tensor.
     """
-    checkpoint = torch_load(path, map_location, allowed=[argparse.Namespace])
+    checkpoint = torch_load(path, allowed=[argparse.Namespace])
     if isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm":
         if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
@@ -941,7 +954,7 @@ def read_checkpoint(path, map_location="cpu"):
             raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
         state = checkpoint["model"]
     else:
-        cfg, state = convert_foreign(path, checkpoint, map_location)
+        cfg, state = convert_foreign(path, checkpoint)
     for name, value in state.items():
         if not isinstance(value, torch.Tensor) or (value.is_floating_point() and not torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: weight {name} is " + ("not finite" if isinstance(value, torch.Tensor)
@@ -1006,8 +1019,8 @@ def official_prior_names(cfg):
             layers |= {f"E.{j + 2}.body.{a}": f"blocks.{j}.body.{b}" for a, b in
                        (((0, 0), (1, 1), (3, 3), (4, 4)) if bn else ((0, 0), (2, 3)))}
         for a, b in layers.items():
-            for p in ("weight", "bias") + ("running_mean", "running_var", "num_batches_tracked") * ("body.1" in a
-                                                                                                   or "body.4" in a):
+            batch_norm = a.endswith(("body.1", "body.4"))
+            for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")[:5 if batch_norm else 2]:
                 names[f"{theirs}{a}.{p}"] = f"{ours}{b}.{p}"
     for theirs, ours in (("lcr_model.", "blur_estimator."), ("noise_model.", "noise_estimator.")):
         layers = {"resmlp.0": "net.0"} | {f"resmlp.{k}.resmlp.0": f"net.{2 * (k - 1)}"
@@ -1016,7 +1029,7 @@ def official_prior_names(cfg):
     return names
 
 
-def convert_foreign(path, checkpoint, map_location):
+def convert_foreign(path, checkpoint):
     """
     MIMO-UNet's files ({'model': weights}, its model.pkl with optimizer state too) and the official BlurDM code's
     (last_*.pth with model_state and model_dm_state; or final_deblur_*.pth, whose final_dm_*.pth and final_le_*.pth
@@ -1025,11 +1038,15 @@ def convert_foreign(path, checkpoint, map_location):
     """
     path, parts = Path(path), {}
     if isinstance(checkpoint, dict) and {"model_state", "model_dm_state", "model_le_state"} & set(checkpoint):
-        for key, prefix in (("model_state", ""), ("model_dm_state", ""), ("model_le_state", "le.")):
-            part = key[6:-6] or "deblur"  # model_dm_state -> dm
+        for key, part, prefix in (("model_state", "deblur", ""), ("model_dm_state", "dm", ""),
+                                  ("model_le_state", "le", "le.")):
             sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_", path.name))
-            source = checkpoint if key in checkpoint else torch_load(sibling, map_location, [argparse.Namespace]) \
-                if sibling != path and sibling.is_file() else {}
+            if key in checkpoint:
+                source = checkpoint
+            elif sibling != path and sibling.is_file():  # final_deblur_X.pth: final_dm_X.pth and final_le_X.pth
+                source = torch_load(sibling, [argparse.Namespace])
+            else:
+                source = {}
             weights = source.get(key, {}) if isinstance(source, dict) else {}
             parts |= {prefix + k.removeprefix("module."): v for k, v in weights.items()}
     elif isinstance(checkpoint, dict):  # MIMO-UNet: {'model': weights}, or the bare weights
@@ -1067,18 +1084,18 @@ def convert_foreign(path, checkpoint, map_location):
     return cfg, {names[k]: v for k, v in parts.items()}
 
 
-def load_model(path, map_location="cpu", deblurrer=None):
+def load_model(path, deblurrer=None):
     """
-    Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode. The config
-    is checked against the stored shapes on a model without memory ("meta") before the real one is built. A file
-    saved with a custom deblurrer needs that module passed as `deblurrer`.
+    Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode, on the CPU.
+    The config is checked against the stored shapes on a model without memory ("meta") before the real one is built.
+    A file saved with a custom deblurrer needs that module passed as `deblurrer`.
     """
-    cfg, state, checkpoint = read_checkpoint(path, map_location)
+    cfg, state, checkpoint = read_checkpoint(path)
     needs = checkpoint.get("deblurrer") if isinstance(checkpoint, dict) else None
     if needs and deblurrer is None:
         raise CheckpointError(f"{path}: saved with the custom deblurrer {needs}; pass that module "
                               "(load_model(path, deblurrer=...))")
-    if cfg.prior and not any(k.startswith("blur_estimator.") for k in state):
+    if cfg.prior and (checkpoint.get("stage") == 1 or not any(k.startswith("blur_estimator.") for k in state)):
         raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the official code keeps "
                               "them in final_dm_*.pth or a stage-3 last_*.pth); train.py --init starts stage 2 from it")
     optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # the official SE: training only
@@ -1095,7 +1112,7 @@ class InferenceProgram(nn.Module):
     deblur() as one traceable module for torch.export: (B, 3, H, W) in [0, 1], H and W >= 9 -> the sharp estimate;
     the start noise ε of `seed` is a constant of the program. Written so that export keeps B, H and W symbolic: the
     pad is an 8-pixel reflection cropped to the multiple of 8 (the numbers of pad_to_multiple), the crop back a
-    negative pad.
+    negative pad. Unlike prior_for, it computes the prior at full size over PRIOR_MAX_PIXELS too.
     """
 
     def __init__(self, model, seed=INFERENCE_SEED):
@@ -1117,7 +1134,7 @@ def export_program(model, path, seed=INFERENCE_SEED):
     example = torch.rand(2, 3, 70, 91)  # batch 2 and sizes off the multiple of 8: export keeps every size symbolic
     auto = torch.export.Dim.AUTO
     with torch.no_grad():
-        program = torch.export.export(InferenceProgram(model.float().cpu(), seed), (example,),
+        program = torch.export.export(InferenceProgram(copy.deepcopy(model).float().cpu(), seed), (example,),
                                       dynamic_shapes={"blurry": {0: auto, 2: auto, 3: auto}})
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
@@ -1129,6 +1146,7 @@ def export_program(model, path, seed=INFERENCE_SEED):
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # read_image's, in folders too
 WRITE_SUFFIXES = IMAGE_SUFFIXES[:-1]  # write_image's (a GIF would lose colours to its palette)
+NO_ALPHA_SUFFIXES = (".jpg", ".jpeg", ".bmp")  # formats that write_image saves without the alpha channel
 
 
 def walk(folder, recursive=True, depth=None):
@@ -1257,7 +1275,17 @@ def find_pairs(root):
 def fingerprint(root, splits):
     """A data set as a resumed run compares it: each file's path below `root`, size and mtime (cheap; names changes)."""
     files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
-    return [[os.path.relpath(p, root), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+    return [[os.path.relpath(p, root), s.st_size, s.st_mtime_ns] for p, s in zip(files, map(os.stat, files))]
+
+
+def fingerprint_changes(before, now):
+    """What differs between two fingerprints, in one line."""
+    if not isinstance(before, list):
+        return "data: saved without a fingerprint of its files (by an older version)"
+    before, now = ({f: rest for f, *rest in files} for files in (before, now))  # {file: [size, mtime]}
+    changed = [f for f in sorted(before.keys() | now.keys()) if before.get(f) != now.get(f)]
+    more = ", ..." * (len(changed) > 3)
+    return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{more})"
 
 
 # training samples: a random crop (blurred here for photographs), flips and quarter turns, the same for both images
@@ -1265,6 +1293,7 @@ def fingerprint(root, splits):
 
 @functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not once a sample
 def load_pair(blur_path, sharp_path, min_size=1):
+    """(blur or None, sharp) uint8 (3, H, W); ValueError naming the file when they differ in size or are too small."""
     sharp = to_uint8(read_image(sharp_path))
     blur = to_uint8(read_image(blur_path)) if blur_path else None
     (h, w), name = sharp.shape[1:], blur_path or sharp_path
@@ -1277,7 +1306,8 @@ def load_pair(blur_path, sharp_path, min_size=1):
 
 class PairDataset(Dataset):
     """
-    Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it.
+    Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it:
+    (blur, sharp), each (3, crop, crop) in [0, 1].
     Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a large part of a small
     model's step on a CPU) and turned or flipped its own way each time. With blur_on_device, a photograph's item is
     what render_batch needs to blur a whole batch where the model trains (a GPU, which a CPU cannot keep fed).
@@ -1286,7 +1316,7 @@ class PairDataset(Dataset):
     def __init__(self, pairs, crop, blur_length, seed, reuse=1, blur_on_device=False):
         self.pairs, self.crop, self.blur_length, self.seed, self.reuse = pairs, crop, blur_length, seed, reuse
         self.blur_on_device = blur_on_device
-        self.subframes = 2 * math.ceil(blur_length[1] / 2) + 1  # the most a camera path can have
+        self.subframes = one_subframe_a_pixel(blur_length[1])  # the most a camera path can have
         self.warned, self.rendered = set(), {}
 
     def __getitem__(self, item):
@@ -1295,7 +1325,7 @@ class PairDataset(Dataset):
             self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
         flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
-        if len(self.rendered[key]) == 4:  # (region, path, sub-frames, noise): render_batch blurs it
+        if isinstance(self.rendered[key], tuple):  # a photograph's (region, path, sub-frames, noise): render_batch
             return *self.rendered[key], flip, turns
         pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
         return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
@@ -1315,7 +1345,7 @@ class PairDataset(Dataset):
             raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
         top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
         if blur is None:  # a photograph: blurred here or by render_batch (subframes None: one a pixel of camera path)
-            region, path, noise = blur_draws(sharp / 255, g, self.blur_length, None, window=(top, left, c, c))
+            region, path, noise = blur_draws(sharp, g, self.blur_length, None, window=(top, left, c, c))
             if self.blur_on_device:
                 return region, F.pad(path, (0, 0, 0, self.subframes - len(path))), len(path), noise
             blur = expose(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
@@ -1432,13 +1462,13 @@ def write_image(image, path, alpha=None, icc_profile=None):
     from PIL import Image
 
     suffix = Path(path).suffix.lower()
-    if alpha is not None and suffix not in (".jpg", ".jpeg", ".bmp"):
+    if alpha is not None and suffix not in NO_ALPHA_SUFFIXES:
         image = torch.cat([image, alpha.to(image)], 0)
     arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
     options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-    if icc_profile and suffix != ".bmp":
-        options["icc_profile"] = icc_profile
+    if icc_profile and suffix != ".bmp" and (icc_profile[16:20] == b"GRAY") == (mode in ("L", "LA")):
+        options["icc_profile"] = icc_profile  # kept where its colour space (bytes 16-19 of its header) fits
     Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
 
 
@@ -1468,9 +1498,11 @@ def autocast(device, amp):
     """
     device = torch.device(device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    native = {"cuda": amp == "fp16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()),
-              "cpu": amp == "bf16" and has_native_bf16()}.get(device.type, False)
-    if amp in dtypes and native:
+    if device.type == "cuda":
+        native = amp == "fp16" or (amp == "bf16" and torch.cuda.is_bf16_supported())
+    else:
+        native = device.type == "cpu" and amp == "bf16" and has_native_bf16()
+    if native:
         return torch.autocast(device.type, dtype=dtypes[amp]), amp, None
     note = None if amp in (None, "none", "fp32") else f"--amp {amp} runs in fp32 on {device}: " + (
         "fp16 is for CUDA" if amp == "fp16" else f"this {device.type.upper()} has no native bf16 (emulated, it is "

@@ -12,6 +12,7 @@ truth (PSNR / SSIM), use train.py --eval-only.
 """
 
 import argparse
+import collections
 import itertools
 import os
 import signal
@@ -70,7 +71,8 @@ def find_inputs(specs, recursive):
             why = "no images in this folder" + ("" if recursive else " (-r looks into sub-folders)")
         elif is_pattern(spec):
             base = Path(*itertools.takewhile(lambda part: not is_pattern(part), path.parts))
-            files = [(f, base) for f in blurdm.glob_files(base, path.parts[len(base.parts):], recursive) if is_input_image(f)]
+            matched = blurdm.glob_files(base, path.parts[len(base.parts):], recursive)
+            files = [(f, base) for f in matched if is_input_image(f)]
             why = "no images match this pattern"
         if not files:
             problems.append(f"{spec}: {why}")
@@ -86,24 +88,29 @@ def output_paths(inputs, out):
     that differ only in their suffix (a.png, a.jpg) keep it in their output's name (a_png_deblurred.png)."""
     if out is not None and Path(out).suffix and not Path(out).is_dir() and not out.endswith(("/", os.sep)):
         if Path(out).suffix.lower() not in blurdm.WRITE_SUFFIXES:
-            raise ValueError(f"-o {out}: cannot write {Path(out).suffix} images (write {', '.join(blurdm.WRITE_SUFFIXES)}"
-                             "; a folder name ends with /)")
+            raise ValueError(f"-o {out}: cannot write {Path(out).suffix} images (only "
+                             f"{', '.join(blurdm.WRITE_SUFFIXES)}; a folder name ends with /)")
         if len(inputs) != 1:
             raise ValueError(f"-o {out}: a file name, but there are {len(inputs)} inputs; give a folder instead")
         return [Path(out)]
     folder = lambda src, base: src.parent if out is None else Path(out) / os.path.relpath(src.parent, base)
     stems = [folder(src, base) / src.stem for src, base in inputs]
-    shared = {stem for stem in stems if stems.count(stem) > 1}
-    return [stem.with_name(f"{stem.name}{'_' + src.suffix[1:] if stem in shared else ''}{OUTPUT_TAG}.png")
-            for stem, (src, _) in zip(stems, inputs)]
+    shared = {stem for stem, n in collections.Counter(stems).items() if n > 1}
+    outputs = [stem.with_name(f"{stem.name}{'_' + src.suffix[1:] if stem in shared else ''}{OUTPUT_TAG}.png")
+               for stem, (src, _) in zip(stems, inputs)]
+    first = {}
+    for (src, _), dst in zip(inputs, outputs):  # a.png in two folders given to one -o folder
+        if first.setdefault(dst, src) != src:
+            raise ValueError(f"{first[dst]} and {src} would both write {dst}; give them separate -o folders")
+    return outputs
 
 
-def load_model(ckpt, device_name):
+def model_on_device(ckpt, device_name):
     if ckpt is None and not DEFAULT_CKPT.exists():
         raise ValueError(f"{DEFAULT_CKPT}: the default demo weights are not in this checkout; "
                          "pass --ckpt PATH to a BlurDM checkpoint (train.py writes one)")
     device = blurdm.pick_device(device_name)
-    return blurdm.load_model(ckpt or DEFAULT_CKPT, map_location="cpu").to(device), device
+    return blurdm.load_model(ckpt or DEFAULT_CKPT).to(device), device
 
 
 def deblur_file(model, rgb, extras, dst, args, device, amp):
@@ -138,7 +145,7 @@ def main(argv=None):
     try:
         inputs, problems = find_inputs(args.inputs, args.recursive)
         outputs = output_paths(inputs, args.out)
-        model, device = load_model(args.ckpt, args.device)
+        model, device = model_on_device(args.ckpt, args.device)
         blurdm.check_tiling(args.tile, args.overlap)
     except (ValueError, OSError) as err:
         say(str(err), error=True)
@@ -163,7 +170,7 @@ def main(argv=None):
                 say(f"{tag}: {dst} exists; skipped (--force overwrites it)")
                 continue
             rgb, extras = blurdm.read_image(src, extras=True)
-            if extras["alpha"] is not None and dst.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
+            if extras["alpha"] is not None and dst.suffix.lower() in blurdm.NO_ALPHA_SUFFIXES:
                 say(f"{tag}: {dst.suffix} has no alpha channel; the transparency is dropped")
             took = deblur_file(model, rgb, extras, dst, args, device, amp)
         except (ValueError, OSError, RuntimeError, MemoryError) as err:  # a bad file, or out of memory: carry on

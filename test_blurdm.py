@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -23,6 +22,7 @@ import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -484,7 +484,7 @@ def test_baseline_without_prior_trains_the_deblurrer_only():
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def test_save_and_from_checkpoint_give_identical_outputs(tmp_path, tiny):
+def test_a_saved_checkpoint_loads_back_with_identical_outputs(tmp_path, tiny):
     path = tmp_path / "tiny.pt"
     blurdm.save_checkpoint(path, tiny, step=12)
     assert not list(tmp_path.glob("*.tmp*"))
@@ -680,11 +680,18 @@ def test_a_prior_added_to_a_published_backbone_starts_at_the_backbones_own_outpu
     assert "a backbone: the prior networks are new, their fusion starts as the identity" in capsys.readouterr().out
     trained = _checkpoint(tmp_path / "out" / "stage1.pt")["config"]
     assert trained["prior"] and trained["fusion_residual"] and trained["input_offset"] == 0.0  # kept for fine-tuning
+    with pytest.raises(blurdm.CheckpointError, match="stage1.pt: a stage-1 file"):  # its chain is untrained
+        blurdm.load_model(tmp_path / "out" / "stage1.pt")
+    assert _train(["--data", data, "--out", tmp_path / "late", *_FAST, "--iters", "0,1,1", "--init",
+                   tmp_path / "MIMO-UNet.pkl"]) == 1
+    assert "a backbone without a prior; its prior networks train from stage 1 on" in _error_line(capsys.readouterr().err)
 
 
 def test_the_exported_program_matches_deblur_at_any_size_without_this_module(tmp_path):
-    model = kaiming(untrained())
+    model = kaiming(untrained()).double().train()
     blurdm.export_program(model, tmp_path / "tiny.pt2")
+    assert model.training and next(model.parameters()).dtype == torch.float64  # the caller's model is untouched
+    model = model.float().eval()
     program = torch.export.load(tmp_path / "tiny.pt2").module()  # torch alone: no class of this module inside
     for shape in ((1, 3, 37, 53), (2, 3, 64, 80)):
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
@@ -1089,7 +1096,8 @@ def test_train_resume_refuses_other_settings_or_data_naming_the_setting(tmp_path
     args = ["--out", tmp_path / "out", *_FAST, "--iters", "1,0,0"]
     assert _train(["--data", data, *args]) == 0
     for change, named in ((["--data", other], "data"), (["--data", data, "--blur-length", "0,9"], "blur_length"),
-                          (["--data", data, "--batch", "4"], "batch_size"), (["--data", data, "--iters", "2,0,0"], "stage_steps")):
+                          (["--data", data, "--batch", "4"], "batch_size"), (["--data", data, "--iters", "2,0,0"], "stage_steps"),
+                          (["--data", data, "--no-prior"], "no_prior"), (["--data", data, "--val-count", "1"], "val_count")):
         assert _train([*args, *change]) == 1
         line = _error_line(capsys.readouterr().err)
         assert "saved by a run with other settings" in line and f"{named} " in line, line
@@ -1701,6 +1709,10 @@ def test_sample_output_suffixes_alpha_to_jpeg_quality_and_colour_profile(tmp_pat
     code, _, _ = _sample_run([src, "--ckpt", sample_strong_ckpt], capsys)
     with Image.open(tmp_path / "rgba_deblurred.png") as png:
         assert png.info.get("icc_profile") == profile and png.mode == "RGBA"
+    Image.fromarray(_sample_photo(16, 24)).convert("L").convert("RGB").save(tmp_path / "gray.png", icc_profile=profile)
+    code, _, _ = _sample_run([tmp_path / "gray.png", "--ckpt", sample_strong_ckpt], capsys)
+    with Image.open(tmp_path / "gray_deblurred.png") as png:  # an RGB profile does not describe a grayscale file
+        assert png.mode == "L" and "icc_profile" not in png.info
 
 
 def test_sample_sigterm_removes_the_temp_file_of_the_image_in_progress(tmp_path, sample_strong_ckpt):
@@ -1717,6 +1729,14 @@ def test_sample_sigterm_removes_the_temp_file_of_the_image_in_progress(tmp_path,
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in err.decode() and not list(tmp_path.glob(".*"))
+
+
+def test_sample_refuses_two_inputs_that_would_write_one_output_before_writing_anything(tmp_path, sample_strong_ckpt,
+                                                                                      capsys):
+    a, b = _sample_save(tmp_path / "A" / "x.png"), _sample_save(tmp_path / "B" / "x.png", seed=1)
+    code, _, err = _sample_run([tmp_path / "A", tmp_path / "B", "-o", tmp_path / "out", "--ckpt", sample_strong_ckpt],
+                               capsys)
+    assert code == 1 and f"{a} and {b} would both write" in err and not (tmp_path / "out").exists()
 
 
 def test_sample_ckpt_that_is_a_folder_and_tiles_that_make_no_sense_are_one_line_errors(tmp_path, sample_strong_ckpt,
@@ -1757,10 +1777,11 @@ def test_train_on_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_te
         if len(calls) == 1:
             return save(obj, f, *a, **k)
         Path(f).write_bytes(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
 
     monkeypatch.setattr(torch, "save", filling_up)
-    monkeypatch.setattr(blurdm.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(blurdm.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=0))
     assert _train(["--data", data, "--out", out, *_FAST, "--iters", "2,0,0", "--save-every", "1", "--val-count", "0"]) == 1
     assert f"{out}: the disk is full; last.pt was not written (an earlier one is intact)" in _error_line(capsys.readouterr().err)
     assert _checkpoint(out / "last.pt")["step"] == 1

@@ -4,14 +4,15 @@ encoder and the deblurrer, stage 2 the blur encoder and the residual estimators,
 
     python train.py --data GOPRO_Large/                       # the paper's recipe (MIMO-UNet+, 3000/500/3000 epochs)
     python train.py --data photos/ --preset demo --iters 2000,300,1700   # sharp photographs, blurred on the fly
-    python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 20000,3000,20000  # from published weights
+    python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 31800,5300,31800  # from published weights
     torchrun --nproc_per_node=4 train.py --data GOPRO_Large/  # DistributedDataParallel, one process a GPU
-    python train.py --data GOPRO_Large/ --eval-only --init out/best.pt   # PSNR / SSIM of the whole test split
+    python train.py --data GOPRO_Large/ --eval-only --init out/stage3.pt # PSNR / SSIM of the whole test split
 
 Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first): on a CPU, bit-identically.
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -46,37 +47,34 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="GoPro (original or flat), RealBlur, HIDE, blur/ + sharp/, or photos")
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and scores.csv (default: out)")
-    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="model and recipe (with --init: "
-                   "the recipe; the model is the file's)")
+    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="model and recipe (--init: recipe)")
     p.add_argument("--no-prior", action="store_true", help="the baseline backbone alone (ablation)")
-    p.add_argument("--init", help="weights the first stage starts from (this project's, MIMO-UNet's or the official "
-                   "BlurDM code's), or that --eval-only scores")
+    p.add_argument("--init", help="weights to start from (ours, MIMO-UNet's, official BlurDM's), or to --eval-only")
     p.add_argument("--eval-only", action="store_true", help="score --init on the whole test split; writes scores.csv")
-    p.add_argument("--iters", type=numbers(int, 3), help="iterations per stage a,b,c (default: the recipe's epochs); "
-                   "0 skips a stage: 0,0,N --init CKPT trains stage 3 on")
+    p.add_argument("--iters", type=comma_numbers(int, 3), help="iterations per stage a,b,c (default: the recipe's "
+                   "epochs); 0 skips a stage: 0,0,N --init CKPT trains stage 3 on")
     p.add_argument("--batch", type=int, help="global batch, split over the processes (paper: 20)")
     p.add_argument("--crop", type=int, help="training crop, a multiple of 4 (paper: 256)")
     p.add_argument("--lr", type=float, help="Adam's learning rate at the start of each stage, cosine decay to --lr-min")
     p.add_argument("--lr-min", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--blur-length", type=numbers(float, 2), default=blurdm.BLUR_LENGTH, metavar="LO,HI",
-                   help="camera paths in px for photographs blurred on the fly (default %g,%g; 0,30: sharp inputs "
-                   "too)" % blurdm.BLUR_LENGTH)
+    p.add_argument("--blur-length", type=comma_numbers(float, 2), default=blurdm.BLUR_LENGTH, metavar="LO,HI",
+                   help="camera paths in px for photographs blurred on the fly (0,30: sharp inputs too)")
     p.add_argument("--reuse", type=int, default=1, help="steps a rendered crop serves, turned or flipped each time")
     p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on CPUs: it slows the training)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast: bf16 or fp16 on CUDA, bf16 on a CPU that has "
-                   "it natively (elsewhere fp32, with a note)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast on CUDA; bf16 on CPUs that have it natively")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (pays off on CUDA)")
     p.add_argument("--val-every", type=int, default=5000, help="validate every N steps (0: at stage ends only)")
     p.add_argument("--val-count", type=int, default=100, help="at most this many validation images")
     p.add_argument("--val-crop", type=int, default=512, help="validation centre crop (0: whole images)")
     p.add_argument("--save-every", type=int, default=1000, help="write out/last.pt every N steps")
     p.add_argument("--log-every", type=int, default=50, help="print and log a line every N steps")
-    argv = list(sys.argv[1:] if argv is None else argv)  # "--iters -1,1,1" is a value, not an option
-    argv = [f"{a}={argv.pop(i + 1)}" if a in ("--iters", "--blur-length") and i + 1 < len(argv) else a
-            for i, a in enumerate(argv)]
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1):  # "--iters -1,1,1": a value that argparse would take for an option
+        if argv[i] in ("--iters", "--blur-length"):
+            argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
+    args = p.parse_args([a for a in argv if a])
     given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed)
     recipe = {**RECIPES[args.preset], **{k: v for k, v in given.items() if v is not None}}
     checks = [(args.eval_only and not args.init, "--eval-only needs --init CKPT"),
@@ -88,8 +86,9 @@ def parse_args(argv):
     for failed, message in checks:
         if failed:
             p.error(message)
-    for name, value in vars(args).items():  # whole numbers: sizes and periods >= 1 (True), others >= 0
-        if type(value) is int and not (name in ("batch", "crop", "reuse", "save_every", "log_every")) <= value < 2**63:
+    for name, value in vars(args).items():  # whole numbers: sizes and periods >= 1, others >= 0
+        least = 1 if name in ("batch", "crop", "reuse", "save_every", "log_every") else 0
+        if type(value) is int and not least <= value < 2**63:
             p.error(f"--{name.replace('_', '-')} {value}: out of range")
     return args, recipe
 
@@ -117,9 +116,10 @@ def main(argv=None):
         ctx.say(f"validation: {len(ctx.val_images)} images, the blurry input scores PSNR "
                 f"{np.mean([blurdm.psnr(b, s) for _, b, s in ctx.val_images]):.2f} dB")
     stage_steps = args.iters or [math.ceil(e * len(pairs) / recipe["batch_size"]) for e in recipe["stage_epochs"]]
-    ctx.run = dict(**{k: recipe[k] for k in ("crop", "batch_size", "lr", "lr_min", "seed")}, stage_steps=stage_steps,
-                   data=blurdm.fingerprint(args.data, splits), blur_length=list(args.blur_length), reuse=args.reuse,
-                   amp=args.amp)
+    ctx.settings = dict(**{k: recipe[k] for k in ("crop", "batch_size", "lr", "lr_min", "seed")}, preset=args.preset,
+                        no_prior=args.no_prior, init=args.init and str(Path(args.init).resolve()), amp=args.amp,
+                        stage_steps=stage_steps, blur_length=list(args.blur_length), reuse=args.reuse,
+                        val_count=args.val_count, data=blurdm.fingerprint(args.data, splits))
     model, stages, state = where_to_start(ctx)
     model = model.to(ctx.device, memory_format=blurdm.memory_format(ctx.device))
     if ctx.world_size > 1 and ctx.device.type == "cuda":  # SE's BatchNorm sees the global batch, as on one GPU
@@ -128,18 +128,15 @@ def main(argv=None):
     dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, recipe["seed"], args.reuse, on_gpu)
     per_rank = recipe["batch_size"] // ctx.world_size
     workers = args.workers if args.workers is not None else 4 * (ctx.device.type == "cuda")
-    for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same crops
-        samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])
-                   for k in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
-        loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers, worker_init_fn=ignore_stop_signals,
-                            pin_memory=ctx.device.type == "cuda")
-        try:
+    with open(ctx.out / "log.jsonl", "a") if ctx.rank == 0 else contextlib.nullcontext() as ctx.log:
+        for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same
+            samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])  # crops
+                       for k in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
+            loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers,
+                                worker_init_fn=ignore_stop_signals, pin_memory=ctx.device.type == "cuda")
             if train_stage(model, stage, loader, state, ctx):
                 return 128 + ctx.stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal
-        except KeyboardInterrupt:  # the second Ctrl-C
-            ctx.say(f"\naborted; {ctx.saved or 'nothing saved yet in this run'}", flush=True)
-            raise
-        state = None
+            state = None
     best = ctx.out / ("best.pt" if ctx.best["psnr"] is not None else "last.pt")
     ctx.say(f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {best}")
     return 0
@@ -147,9 +144,9 @@ def main(argv=None):
 
 def setup(args, recipe):
     """This process (rank, device: one GPU a process under torchrun; precision, output folder, signals) as the context
-    every step reads: args, recipe, run (what a resumed run must share with the one that saved), device, rank,
-    world_size, autocast, out, say (print on rank 0), val_images, best (best validation PSNR of stages 2-3, kept in
-    best.pt), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
+    every step reads: args, recipe, settings (what a resumed run must share with the one that saved), device, rank,
+    world_size, autocast, out, say (print on rank 0), log (log.jsonl on rank 0), val_images, best (best validation
+    PSNR of stages 2-3, kept in best.pt), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                              ("WORLD_SIZE", 1)))
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -175,8 +172,9 @@ def setup(args, recipe):
         say(f"note: {note}")
     (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     blurdm.remove_stale_temps(out)
-    ctx = SimpleNamespace(args=args, recipe=recipe, run={}, device=device, rank=rank, world_size=world_size,
-                          autocast=autocast, out=out, say=say, val_images=[], best={"psnr": None}, stop={}, saved="")
+    ctx = SimpleNamespace(args=args, recipe=recipe, settings={}, device=device, rank=rank, world_size=world_size,
+                          autocast=autocast, out=out, say=say, log=None, val_images=[], best={"psnr": None}, stop={},
+                          saved="")
     signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))
     signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
     return ctx
@@ -184,7 +182,7 @@ def setup(args, recipe):
 
 def train_stage(model, stage, loader, state, ctx):
     """One stage, from `state` (a checkpoint to resume) or from step 0; returns True when stopped by a signal."""
-    total, parameters = ctx.run["stage_steps"][stage - 1], model.set_stage(stage)
+    total, parameters = ctx.settings["stage_steps"][stage - 1], model.set_stage(stage)
     optimizer = torch.optim.Adam(parameters, lr=ctx.recipe["lr"], fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=ctx.recipe["lr_min"])
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.args.amp == "fp16" and ctx.device.type == "cuda")
@@ -199,7 +197,6 @@ def train_stage(model, stage, loader, state, ctx):
     what, r = what if model.cfg.prior else "no prior", ctx.recipe
     ctx.say(f"stage {stage} ({what}): steps {step}..{total}, batch {r['batch_size']} of {r['crop']}px crops, "
             f"lr {r['lr']:g} -> {r['lr_min']:g}")
-    log = open(ctx.out / "log.jsonl", "a") if ctx.rank == 0 else None
     batches = iter(loader)
     while step < total:
         t0 = time.perf_counter()
@@ -225,18 +222,18 @@ def train_stage(model, stage, loader, state, ctx):
         scheduler.step()
         step += 1
         ms, data_ms = 1000 * (time.perf_counter() - t0), 1000 * (t1 - t0)
-        if log and (step % ctx.args.log_every == 0 or step == total):
+        if ctx.log and (step % ctx.args.log_every == 0 or step == total):
             ctx.say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms "
                     f"(data {data_ms:.0f})")
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, step_ms=round(ms, 2),
-                                  data_ms=round(data_ms, 2), time=time.time())), file=log, flush=True)
+                                  data_ms=round(data_ms, 2), time=time.time())), file=ctx.log, flush=True)
         checkpoint = functools.partial(save, model, ctx, stage=stage, step=step, **parts)
-        if log and ctx.val_images and ((ctx.args.val_every and step % ctx.args.val_every == 0) or step == total):
-            validate(model, stage, step, ctx, log, checkpoint)
+        if ctx.log and ctx.val_images and ((ctx.args.val_every and step % ctx.args.val_every == 0) or step == total):
+            validate(model, stage, step, ctx, checkpoint)
         if step % ctx.args.save_every == 0 or step == total or stopping:
             if not all(torch.isfinite(p).all() for p in parameters):
                 raise ValueError(f"weights not finite at stage {stage} step {step}; stopped, last checkpoint kept")
-            checkpoint("last.pt", *[f"stage{stage}.pt"] * (step == total))
+            checkpoint("last.pt", *([f"stage{stage}.pt"] if step == total else []))
         if stopping:
             ctx.say(f"stopped at stage {stage} step {step}; saved {ctx.out / 'last.pt'}; rerun the command to resume")
             return True
@@ -248,40 +245,41 @@ def train_stage(model, stage, loader, state, ctx):
 def save(model, ctx, *names, stage, step, **parts):
     """Write the training state (parts: optimizer, scheduler, scaler) under each name in out/ (rank 0)."""
     for name in names if ctx.rank == 0 else ():
-        blurdm.save_checkpoint(ctx.out / name, model, stage=stage, step=step, run=ctx.run, best_psnr=ctx.best["psnr"],
+        blurdm.save_checkpoint(ctx.out / name, model, stage=stage, step=step, settings=ctx.settings,
+                               best_psnr=ctx.best["psnr"],
                                **{k: part.state_dict() for k, part in parts.items()})
         ctx.saved = f"{ctx.out / name} holds stage {stage} step {step}" if name == "last.pt" else ctx.saved
 
 
-def validate(model, stage, step, ctx, log, checkpoint):
+def validate(model, stage, step, ctx, checkpoint):
     """PSNR / SSIM on the validation images; a new best (stages 2-3: what sample.py runs) is saved as best.pt."""
     psnr, ssim = (float(v) for v in np.mean(list(evaluate(model, ctx.val_images, ctx.device, stage)), axis=0))
     model.set_stage(stage)  # back to this stage's training modes
-    counts = not (model.cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp)
-    improved = counts and (ctx.best["psnr"] is None or psnr > ctx.best["psnr"])
+    competes = not (model.cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp): not for best.pt
+    improved = competes and (ctx.best["psnr"] is None or psnr > ctx.best["psnr"])
     ctx.best["psnr"] = psnr if improved else ctx.best["psnr"]
     ctx.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f} | {len(ctx.val_images)} images"
-            + ("" if counts else " | prior SE(blur, sharp)") + (" | best, saved best.pt" if improved else ""))
-    print(json.dumps(dict(stage=stage, step=step, val_psnr=psnr, val_ssim=ssim)), file=log, flush=True)
+            + ("" if competes else " | prior SE(blur, sharp)") + (" | best, saved best.pt" if improved else ""))
+    print(json.dumps(dict(stage=stage, step=step, val_psnr=psnr, val_ssim=ssim)), file=ctx.log, flush=True)
     if improved:
         checkpoint("best.pt")
 
 
 def where_to_start(ctx):
     """(model, stages to run, state to resume or None): out/last.pt if this run wrote it, else --init, else fresh."""
-    args, stages, last = ctx.args, [s for s in (1, 2, 3) if ctx.run["stage_steps"][s - 1]], ctx.out / "last.pt"
+    args, stages, last = ctx.args, [s for s in (1, 2, 3) if ctx.settings["stage_steps"][s - 1]], ctx.out / "last.pt"
     torch.manual_seed(ctx.recipe["seed"])  # the same initial weights in every process and every run of a command
     if last.exists():
         cfg, weights, state = blurdm.read_checkpoint(last)
-        saved_run = state.get("run", {})
-        if differing := [k for k in ctx.run if saved_run.get(k) != ctx.run[k]]:
-            detail = ", ".join(changed_files(saved_run.get(k), ctx.run[k]) if k == "data" else
-                               f"{k} {saved_run.get(k)} vs {ctx.run[k]}" for k in differing)
+        saved = state.get("settings", {})
+        if differing := [k for k in ctx.settings if saved.get(k) != ctx.settings[k]]:
+            detail = ", ".join(blurdm.fingerprint_changes(saved.get(k), ctx.settings[k]) if k == "data" else
+                               f"{k} {saved.get(k)} vs {ctx.settings[k]}" for k in differing)
             raise ValueError(f"{last}: saved by a run with other settings ({detail}); rerun its command to resume, "
                              "or pass another --out")
         model = blurdm.BlurDM(cfg)
         blurdm.load_weights(model, weights, last)
-        finished = state["step"] >= ctx.run["stage_steps"][state["stage"] - 1]
+        finished = state["step"] >= ctx.settings["stage_steps"][state["stage"] - 1]
         stages = [s for s in stages if s > state["stage"] or (s == state["stage"] and not finished)]
         ctx.say(f"{last}: " + (f"stage {state['stage']} finished" if finished else
                                f"resuming stage {state['stage']} at step {state['step']}"))
@@ -295,18 +293,14 @@ def where_to_start(ctx):
     if args.no_prior and cfg.prior:
         raise ValueError(f"{args.init}: its deblurrer was trained with a prior; --no-prior needs a backbone alone")
     new_prior = not cfg.prior and not args.no_prior  # a published backbone gains a prior, its fusion the identity
+    if new_prior and stages[0] > 1:
+        raise ValueError(f"{args.init}: a backbone without a prior; its prior networks train from stage 1 on")
     model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
-    blurdm.load_weights(model, weights, args.init, blurdm.PRIOR_PARTS if stages[0] < 3 else blurdm.PRIOR_PARTS[:1])
+    parts = blurdm.PRIOR_PARTS  # a stage may start without what it trains, never without what it trains from
+    blurdm.load_weights(model, weights, args.init, {1: parts, 2: parts[1:4], 3: parts[:1]}[stages[0]])
     ctx.say(f"stage {stages[0]} starts from the weights of {args.init}" + (
         " (a backbone: the prior networks are new, their fusion starts as the identity)" if new_prior else ""))
     return model, stages, None
-
-
-def changed_files(before, now):
-    before, now = ({f: rest for f, *rest in files or []} for files in (before, now))  # {file: [size, mtime]}
-    changed = [f for f in sorted(before.keys() | now.keys()) if before.get(f) != now.get(f)]
-    more = ", ..." * (len(changed) > 3)
-    return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{more})"
 
 
 @torch.inference_mode()
@@ -342,7 +336,7 @@ def evaluate_test_split(ctx, splits):
     return 1 if len(rows) < len(splits[split]) else 0  # a test image could not be read
 
 
-def numbers(kind, count):
+def comma_numbers(kind, count):
     """An argparse type: `count` numbers separated by commas (or one, for all), each in [0, 1e9)."""
     def comma_separated(text):
         values = [kind(v) for v in text.split(",")]  # not numbers: argparse says "invalid comma_separated value"
@@ -358,9 +352,11 @@ def numbers(kind, count):
 
 
 def request_stop(ctx, signum, frame):
-    """Finish the step, save, exit; a second Ctrl-C aborts at once."""
+    """Ctrl-C or SIGTERM: finish the step, save, exit. A second one aborts at once, saying what out/last.pt holds."""
+    if ctx.stop:
+        ctx.say(f"\naborted; {ctx.saved or 'nothing saved yet in this run'}", flush=True)
+        raise KeyboardInterrupt
     ctx.stop["signal"] = signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctx.say(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)", flush=True)
 
 
@@ -379,20 +375,21 @@ def cli(argv=None):
         if isinstance(err, KeyboardInterrupt):
             return 130
         if isinstance(err, (ValueError, OSError)):  # data, checkpoints, settings, files: the message names the file
-            message = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")  # a worker's: its last line
+            message = (str(err).strip().splitlines() or [type(err).__name__])[-1].removeprefix("ValueError: ")
         elif isinstance(err, (MemoryError, RuntimeError)) and blurdm.out_of_memory(err):
             first = (str(err).splitlines() or ["MemoryError"])[0][:100]
             message = f"out of memory ({first}); a smaller --batch or --crop needs less"
         else:
             raise
-    finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it (and its end is
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # expected, not an error to report)
+    finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it, expecting its end
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for child in multiprocessing.active_children():
             child.kill()
-        if dist.is_initialized():
+        if distributed := dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", 0)) == 0:  # every rank meets the same setting errors: one line is enough
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 or distributed:  # before the process group exists every rank meets the same error: one line
+        print(f"train.py: error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr, flush=True)
     return 1
 
 
