@@ -1864,9 +1864,11 @@ def test_cuda_deblur_in_bf16_and_fp16_stays_close_to_fp32(tiny):
 
 
 @cuda
-def test_cuda_training_with_fp16_grad_scaler_and_compile_runs_and_resumes(tmp_path, capsys):
-    data = _gopro(tmp_path / "gopro", per_sequence=2)
-    args = ["--data", data, "--out", tmp_path / "out", *_FAST[:-2], "--device", "cuda", "--iters", "2,1,2"]
+def test_cuda_training_on_photographs_blurred_on_the_gpu_with_fp16_grad_scaler_and_compile(tmp_path, capsys):
+    for k in range(4):
+        _png(tmp_path / "photos" / f"{k}.png", k, size=(64, 72))
+    args = ["--data", tmp_path / "photos", "--out", tmp_path / "out", *_FAST[:-2], "--device", "cuda", "--iters",
+            "2,1,2", "--blur-length", "4,12"]
     assert _train([*args, "--amp", "fp16", "--compile"]) == 0
     assert _checkpoint(tmp_path / "out" / "last.pt")["scaler"]["scale"] > 0
 
