@@ -31,7 +31,7 @@ Sections, in reading order:
     5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level
     6. The full model        BlurDM on any deblurrer: stages and their losses, deblur()   (§5)
     7. Tiles                 deblur_tiled: large images, one prior for the whole image
-    8. Metrics               PSNR and the 3-D SSIM of the paper's tables                  (§6)
+    8. Metrics               PSNR and the 3-D SSIM of the paper's tables; evaluate()       (§6)
     9. Checkpoints           this project's, MIMO-UNet's and the official code's; export
     10. Files                images, data sets on disk, training samples; device and precision
 
@@ -152,8 +152,9 @@ def affine_theta(path, H, W):
 
 
 def warp(image, theta):
-    """Resample (B, C, H, W) by affine matrices (B, 2, 3) (bilinear, reflected at the border)."""
-    grid = F.affine_grid(theta.to(image), list(image.shape), align_corners=False)
+    """Resample (B, C, H, W) by affine matrices (B, 2, 3) (bilinear, reflected at the border). The grid is built in
+    float64: on a GPU, affine_grid is a matrix product that TF32 would round to a fraction of a pixel."""
+    grid = F.affine_grid(theta.double(), list(image.shape), align_corners=False).to(image.dtype)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -855,6 +856,21 @@ def ssim(x, y):
     return ssim_map.mean().item()
 
 
+@torch.inference_mode()
+def evaluate(model, images, device, stage=3, tile=2048):
+    """(PSNR, SSIM) of the model's output for each (name, blur, sharp) of uint8 (3, H, W) images, as the paper's
+    tables score (METHOD.md §6); at stage 1 the prior is SE(blur, sharp), as that stage trains."""
+    model.eval()
+    for _, blur_u8, sharp_u8 in images:
+        blur, sharp = (x.to(device)[None].float() / 255 for x in (blur_u8, sharp_u8))
+        if model.cfg.prior and stage == 1:
+            out = model.deblur(blur, prior=model.sharp_latent(pad_to_multiple(blur, 8), pad_to_multiple(sharp, 8)))
+        else:
+            out = deblur_tiled(model, blur, tile)
+        out = to_uint8(out[0])
+        yield psnr(out, sharp_u8.to(device)), ssim(out, sharp_u8.to(device))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 9. Checkpoints: this project's format; MIMO-UNet's and the official BlurDM code's files converted on load; export
 
@@ -916,7 +932,7 @@ def save_checkpoint(path, model, **extra):
         raise OSError(f"{path}: cannot write ({(str(err).strip().splitlines() or [type(err).__name__])[-1]})") from None
 
 
-def torch_load(path, allowed=()):
+def torch_load(path, *, allowed=()):
     """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may rebuild), and a
     one-line error for anything else."""
     path = Path(path)
@@ -1044,7 +1060,7 @@ def convert_foreign(path, checkpoint):
             if key in checkpoint:
                 source = checkpoint
             elif sibling != path and sibling.is_file():  # final_deblur_X.pth: final_dm_X.pth and final_le_X.pth
-                source = torch_load(sibling, [argparse.Namespace])
+                source = torch_load(sibling, allowed=[argparse.Namespace])
             else:
                 source = {}
             weights = source.get(key, {}) if isinstance(source, dict) else {}
@@ -1052,6 +1068,9 @@ def convert_foreign(path, checkpoint):
     elif isinstance(checkpoint, dict):  # MIMO-UNet: {'model': weights}, or the bare weights
         parts = {k.removeprefix("module."): v for k, v in checkpoint.get("model", checkpoint).items()}
     width = parts.get("feat_extract.0.main.0.weight")
+    if not isinstance(width, torch.Tensor) and "lcr_model.resmlp.0.weight" in parts:
+        raise CheckpointError(f"{path}: the official blur diffusion (model_dm_state) without a deblurrer: pass the "
+                              "final_deblur_*.pth it was trained with (final_dm_*.pth beside it is read too)")
     if not isinstance(width, torch.Tensor):
         raise CheckpointError(f"{path}: not a checkpoint of a known kind (this project's, MIMO-UNet's or the "
                               "official BlurDM code's)")
@@ -1084,7 +1103,7 @@ def convert_foreign(path, checkpoint):
     return cfg, {names[k]: v for k, v in parts.items()}
 
 
-def load_model(path, deblurrer=None):
+def load_model(path, *, deblurrer=None):
     """
     Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode, on the CPU.
     The config is checked against the stored shapes on a model without memory ("meta") before the real one is built.
@@ -1095,7 +1114,10 @@ def load_model(path, deblurrer=None):
     if needs and deblurrer is None:
         raise CheckpointError(f"{path}: saved with the custom deblurrer {needs}; pass that module "
                               "(load_model(path, deblurrer=...))")
-    if cfg.prior and (checkpoint.get("stage") == 1 or not any(k.startswith("blur_estimator.") for k in state)):
+    if cfg.prior and checkpoint.get("stage") == 1:
+        raise CheckpointError(f"{path}: a stage-1 checkpoint, its blur diffusion untrained; deblur with one of stage 2 "
+                              "or 3 (train.py --init starts stage 2 from it)")
+    if cfg.prior and not any(k.startswith("blur_estimator.") for k in state):
         raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the official code keeps "
                               "them in final_dm_*.pth or a stage-3 last_*.pth); train.py --init starts stage 2 from it")
     optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # the official SE: training only
@@ -1467,7 +1489,7 @@ def write_image(image, path, alpha=None, icc_profile=None):
     arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
     options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-    if icc_profile and suffix != ".bmp" and (icc_profile[16:20] == b"GRAY") == (mode in ("L", "LA")):
+    if icc_profile and suffix != ".bmp" and icc_profile[16:20] == (b"GRAY" if mode in ("L", "LA") else b"RGB "):
         options["icc_profile"] = icc_profile  # kept where its colour space (bytes 16-19 of its header) fits
     Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
 

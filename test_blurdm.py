@@ -660,6 +660,10 @@ def test_official_blurdm_files_load_bit_exact_with_the_official_schedule_and_pri
     torch.save({"model_state": deblur, "model_dm_state": {**paper, **dm}, "args": args}, tmp_path / "other.pth")
     with pytest.raises(blurdm.CheckpointError, match="other.pth: schedule betas_bar .* is not the official one"):
         blurdm.load_model(tmp_path / "other.pth")
+    torch.save({"model_dm_state": {**buffers, **dm}, "args": args}, tmp_path / "final_dm_BlurDM.pth")  # stage 2's
+    with pytest.raises(blurdm.CheckpointError, match="final_dm_BlurDM.pth: the official blur diffusion .* without a "
+                                                     "deblurrer"):
+        blurdm.load_model(tmp_path / "final_dm_BlurDM.pth")
     (tmp_path / "final_dm_MIMOUNetBlurDM.pth").unlink()
     with pytest.raises(blurdm.CheckpointError, match="final_deblur_MIMOUNetBlurDM.pth: a stage-1 file"):
         blurdm.load_model(tmp_path / "final_deblur_MIMOUNetBlurDM.pth")
@@ -680,7 +684,7 @@ def test_a_prior_added_to_a_published_backbone_starts_at_the_backbones_own_outpu
     assert "a backbone: the prior networks are new, their fusion starts as the identity" in capsys.readouterr().out
     trained = _checkpoint(tmp_path / "out" / "stage1.pt")["config"]
     assert trained["prior"] and trained["fusion_residual"] and trained["input_offset"] == 0.0  # kept for fine-tuning
-    with pytest.raises(blurdm.CheckpointError, match="stage1.pt: a stage-1 file"):  # its chain is untrained
+    with pytest.raises(blurdm.CheckpointError, match="stage1.pt: a stage-1 checkpoint, its blur diffusion untrained"):
         blurdm.load_model(tmp_path / "out" / "stage1.pt")
     assert _train(["--data", data, "--out", tmp_path / "late", *_FAST, "--iters", "0,1,1", "--init",
                    tmp_path / "MIMO-UNet.pkl"]) == 1
@@ -1077,6 +1081,7 @@ def test_train_a_run_stopped_in_stage_2_or_3_and_resumed_ends_bit_identical(tmp_
         def getitem(self, item):
             if item == (stop_stage, 3, 0):
                 os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # sent twice, as a scheduler and torchrun both do: still saves
             return load(self, item)
         monkeypatch.setattr(blurdm.PairDataset, "__getitem__", getitem)
         out = tmp_path / f"stopped{stop_stage}"
@@ -1804,7 +1809,7 @@ def test_train_resume_refuses_changed_photographs_amp_added_and_takes_the_same_f
     assert "data files added, removed or changed: 1 (train/GOPR0372_07_00/sharp/000001.png)" in line
 
 
-def test_train_ctrl_c_twice_says_what_last_pt_holds(tmp_path, capsys, monkeypatch):
+def test_train_ctrl_c_twice_says_what_last_pt_holds(tmp_path, capfd, monkeypatch):
     data = _gopro(tmp_path / "gopro", per_sequence=2)
     load = blurdm.PairDataset.__getitem__
 
@@ -1815,7 +1820,7 @@ def test_train_ctrl_c_twice_says_what_last_pt_holds(tmp_path, capsys, monkeypatc
         return load(self, item)
     monkeypatch.setattr(blurdm.PairDataset, "__getitem__", getitem)
     assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "9,0,0", "--save-every", "2"]) == 130
-    assert f"aborted; {tmp_path / 'out' / 'last.pt'} holds stage 1 step 2" in capsys.readouterr().out
+    assert f"aborted; {tmp_path / 'out' / 'last.pt'} holds stage 1 step 2" in capfd.readouterr().out  # os.write
 
 
 def test_train_eval_only_on_data_without_a_test_split_says_what_it_scores(tmp_path, capsys, tiny):

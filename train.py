@@ -138,7 +138,8 @@ def main(argv=None):
                 return 128 + ctx.stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal
             state = None
     best = ctx.out / ("best.pt" if ctx.best["psnr"] is not None else "last.pt")
-    ctx.say(f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {best}")
+    ctx.say(f"done. stage 2 starts from it: --iters 0,B,C --init {best}" if model.cfg.prior and not any(stage_steps[1:])
+            else f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {best}")
     return 0
 
 
@@ -253,7 +254,7 @@ def save(model, ctx, *names, stage, step, **parts):
 
 def validate(model, stage, step, ctx, checkpoint):
     """PSNR / SSIM on the validation images; a new best (stages 2-3: what sample.py runs) is saved as best.pt."""
-    psnr, ssim = (float(v) for v in np.mean(list(evaluate(model, ctx.val_images, ctx.device, stage)), axis=0))
+    psnr, ssim = (float(v) for v in np.mean(list(blurdm.evaluate(model, ctx.val_images, ctx.device, stage)), axis=0))
     model.set_stage(stage)  # back to this stage's training modes
     competes = not (model.cfg.prior and stage == 1)  # stage 1 validates with SE(blur, sharp): not for best.pt
     improved = competes and (ctx.best["psnr"] is None or psnr > ctx.best["psnr"])
@@ -271,7 +272,9 @@ def where_to_start(ctx):
     torch.manual_seed(ctx.recipe["seed"])  # the same initial weights in every process and every run of a command
     if last.exists():
         cfg, weights, state = blurdm.read_checkpoint(last)
-        saved = state.get("settings", {})
+        if "settings" not in state:
+            raise ValueError(f"{last}: saved by an older train.py; --init {last} starts from its weights (another --out)")
+        saved = state["settings"]
         if differing := [k for k in ctx.settings if saved.get(k) != ctx.settings[k]]:
             detail = ", ".join(blurdm.fingerprint_changes(saved.get(k), ctx.settings[k]) if k == "data" else
                                f"{k} {saved.get(k)} vs {ctx.settings[k]}" for k in differing)
@@ -303,19 +306,6 @@ def where_to_start(ctx):
     return model, stages, None
 
 
-@torch.inference_mode()
-def evaluate(model, images, device, stage=3, tile=2048):
-    """(PSNR, SSIM) of each (name, blur, sharp) uint8 image (METHOD.md §6); stage 1 uses SE(blur, sharp) as prior."""
-    model.eval()
-    for _, blur_u8, sharp_u8 in images:
-        blur, sharp = (x.to(device)[None].float() / 255 for x in (blur_u8, sharp_u8))
-        pad = functools.partial(blurdm.pad_to_multiple, multiple=8)
-        out = model.deblur(blur, prior=model.sharp_latent(pad(blur), pad(sharp))) if model.cfg.prior and stage == 1 \
-            else blurdm.deblur_tiled(model, blur, tile)
-        out = blurdm.to_uint8(out[0])
-        yield blurdm.psnr(out, sharp_u8.to(device)), blurdm.ssim(out, sharp_u8.to(device))
-
-
 def evaluate_test_split(ctx, splits):
     """--eval-only: score --init on every pair of the test split (or of the only split), whole images."""
     model = blurdm.load_model(ctx.args.init).float().to(ctx.device)
@@ -324,7 +314,7 @@ def evaluate_test_split(ctx, splits):
         ctx.say(f"note: {ctx.args.data} has no test split: scoring its {split} pairs")
     with ctx.autocast:
         for image in blurdm.validation_images(splits[split], 0, ctx.recipe["seed"], ctx.args.blur_length, ctx.say):
-            psnr, ssim = next(evaluate(model, [image], ctx.device))
+            psnr, ssim = next(blurdm.evaluate(model, [image], ctx.device))
             rows.append((image[0], f"{psnr:.4f}", f"{ssim:.6f}"))
             ctx.say(f"{image[0]} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
     if not rows:
@@ -352,12 +342,16 @@ def comma_numbers(kind, count):
 
 
 def request_stop(ctx, signum, frame):
-    """Ctrl-C or SIGTERM: finish the step, save, exit. A second one aborts at once, saying what out/last.pt holds."""
-    if ctx.stop:
-        ctx.say(f"\naborted; {ctx.saved or 'nothing saved yet in this run'}", flush=True)
+    """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C aborts at once, saying what out/last.pt holds
+    (a repeated SIGTERM, as schedulers and torchrun send, changes nothing). os.write, as a print could interrupt one."""
+    aborting = bool(ctx.stop) and signum == signal.SIGINT
+    ctx.stop.setdefault("signal", signum)
+    message = f"aborted; {ctx.saved or 'nothing saved yet in this run'}" if aborting else \
+        f"{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)"
+    if ctx.rank == 0:
+        os.write(1, f"\n{message}\n".encode())
+    if aborting:
         raise KeyboardInterrupt
-    ctx.stop["signal"] = signum
-    ctx.say(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to abort)", flush=True)
 
 
 def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
@@ -383,6 +377,8 @@ def cli(argv=None):
             raise
     finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it, expecting its end
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing interrupts this cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in multiprocessing.active_children():
             child.kill()
         if distributed := dist.is_initialized():
