@@ -104,6 +104,8 @@ def main(argv=None):
         ctx.say(f"warning: {line}")
     if args.eval_only:
         return evaluate_test_split(ctx, splits)
+    signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))  # training: Ctrl-C and SIGTERM save first
+    signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)} (--eval-only scores a model)")
     pairs, val_pairs = splits["train"], splits.get("test", [])
@@ -144,7 +146,7 @@ def main(argv=None):
 
 
 def setup(args, recipe):
-    """This process (rank, device: one GPU a process under torchrun; precision, output folder, signals) as the context
+    """This process (rank, device: one GPU a process under torchrun; precision, output folder) as the context
     every step reads: args, recipe, settings (what a resumed run must share with the one that saved), device, rank,
     world_size, autocast, out, say (print on rank 0), log (log.jsonl on rank 0), val_images, best (best validation
     PSNR of stages 2-3, kept in best.pt), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
@@ -176,8 +178,6 @@ def setup(args, recipe):
     ctx = SimpleNamespace(args=args, recipe=recipe, settings={}, device=device, rank=rank, world_size=world_size,
                           autocast=autocast, out=out, say=say, log=None, val_images=[], best={"psnr": None}, stop={},
                           saved="")
-    signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))
-    signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
     return ctx
 
 
