@@ -1065,8 +1065,8 @@ def convert_foreign(path, checkpoint):
                 source = {}
             weights = source.get(key, {}) if isinstance(source, dict) else {}
             parts |= {prefix + k.removeprefix("module."): v for k, v in weights.items()}
-    elif isinstance(checkpoint, dict):  # MIMO-UNet: {'model': weights}, or the bare weights
-        parts = {k.removeprefix("module."): v for k, v in checkpoint.get("model", checkpoint).items()}
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("model", checkpoint), dict):  # MIMO-UNet's
+        parts = {str(k).removeprefix("module."): v for k, v in checkpoint.get("model", checkpoint).items()}
     width = parts.get("feat_extract.0.main.0.weight")
     if not isinstance(width, torch.Tensor) and "lcr_model.resmlp.0.weight" in parts:
         raise CheckpointError(f"{path}: the official blur diffusion (model_dm_state) without a deblurrer: pass the "
@@ -1078,17 +1078,23 @@ def convert_foreign(path, checkpoint):
     blurdm_file = "Decoder.0.kv.weight" in parts
     cfg = BlurDMConfig(width=width.shape[0], num_res=num_res, dropout=0.1 if num_res == 20 else 0.0)
     if blurdm_file:
-        cfg = replace(cfg, beta_bar_rule="official", prior_loss="charbonnier",
-                                  latent_dim=parts["Decoder.0.kv.weight"].shape[1])
+        latent_dim = parts["Decoder.0.kv.weight"].shape[-1]
+        cfg = replace(cfg, beta_bar_rule="official", prior_loss="charbonnier", latent_dim=latent_dim)
         diffusion = BlurDiffusion(cfg)
         for name, ours in (("alphas", diffusion.alpha), ("betas_bar", diffusion.beta_bar[1:])):
             stored = parts.pop(name, ours)
-            if stored.shape != ours.shape or not torch.allclose(stored.float(), ours, atol=1e-5):
-                raise CheckpointError(f"{path}: schedule {name} {stored.tolist()} is not the official one this loader "
-                                      f"maps ({ours.tolist()})")
+            if not isinstance(stored, torch.Tensor) or stored.shape != ours.shape or \
+                    not torch.allclose(stored.float(), ours, atol=1e-5):
+                found = [round(v, 6) for v in stored.tolist()] if isinstance(stored, torch.Tensor) else stored
+                raise CheckpointError(f"{path}: schedule {name} {found} is not the official one this loader maps "
+                                      f"({[round(v, 6) for v in ours.tolist()]})")
         parts.pop("time_stamps_list", None)
     else:
         cfg = replace(cfg, prior=False, input_offset=0.0)
+    try:
+        check_config(asdict(cfg))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its weights describe no buildable network ({err})") from None
     names = mimo_unet_names(num_res) | (official_prior_names(cfg) if blurdm_file else {})
     unknown = next((k for k in parts if k not in names), None)
     if unknown:
