@@ -960,7 +960,7 @@ def read_checkpoint(path):
     project's files are read as they are; MIMO-UNet's and the official BlurDM code's are converted (see below).
     Every weight must be a finite tensor.
     """
-    checkpoint = torch_load(path, allowed=[argparse.Namespace])
+    checkpoint = torch_load(path, allowed=[argparse.Namespace])  # the official files pickle their settings so
     if isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm":
         if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
