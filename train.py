@@ -131,8 +131,8 @@ def main(argv=None):
     per_rank = recipe["batch_size"] // ctx.world_size
     workers = args.workers if args.workers is not None else 4 * (ctx.device.type == "cuda")
     with open(ctx.out / "log.jsonl", "a") if ctx.rank == 0 else contextlib.nullcontext() as ctx.log:
-        for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees the same
-            samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])  # crops
+        for stage in stages:  # sample k of step s is a function of (seed, stage, s, k): a resumed run sees its crops
+            samples = ((stage, s, k) for s in range(state["step"] if state else 0, stage_steps[stage - 1])
                        for k in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank))
             loader = DataLoader(dataset, per_rank, sampler=samples, num_workers=workers,
                                 worker_init_fn=ignore_stop_signals, pin_memory=ctx.device.type == "cuda")
@@ -205,7 +205,7 @@ def train_stage(model, stage, loader, state, ctx):
         blur, sharp = (x.to(ctx.device, non_blocking=True, memory_format=blurdm.memory_format(ctx.device))
                        for x in batch)
         t1 = time.perf_counter()
-        torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # the chain's ε, dropout: replay
+        torch.manual_seed(blurdm.mix_seed(ctx.recipe["seed"], stage, step, ctx.rank))  # ε and dropout, replayable
         with ctx.autocast:
             loss = forward(blur, sharp, stage)  # the stage's loss; DDP syncs the gradients through forward
         stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(ctx.stop)), device=ctx.device)])
@@ -247,8 +247,7 @@ def save(model, ctx, *names, stage, step, **parts):
     """Write the training state (parts: optimizer, scheduler, scaler) under each name in out/ (rank 0)."""
     for name in names if ctx.rank == 0 else ():
         blurdm.save_checkpoint(ctx.out / name, model, stage=stage, step=step, settings=ctx.settings,
-                               best_psnr=ctx.best["psnr"],
-                               **{k: part.state_dict() for k, part in parts.items()})
+                               best_psnr=ctx.best["psnr"], **{k: part.state_dict() for k, part in parts.items()})
         ctx.saved = f"{ctx.out / name} holds stage {stage} step {step}" if name == "last.pt" else ctx.saved
 
 
@@ -273,7 +272,8 @@ def where_to_start(ctx):
     if last.exists():
         cfg, weights, state = blurdm.read_checkpoint(last)
         if "settings" not in state:
-            raise ValueError(f"{last}: saved by an older train.py; --init {last} starts from its weights (another --out)")
+            raise ValueError(f"{last}: saved by an older train.py; --init {last} starts from its weights (with "
+                             "another --out)")
         saved = state["settings"]
         if differing := [k for k in ctx.settings if saved.get(k) != ctx.settings[k]]:
             detail = ", ".join(blurdm.fingerprint_changes(saved.get(k), ctx.settings[k]) if k == "data" else
