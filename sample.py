@@ -114,7 +114,7 @@ def model_on_device(ckpt, device_name):
 
 
 def deblur_file(model, rgb, extras, dst, args, device, amp):
-    """Deblur one image (3, H, W) into the file `dst`, atomically; returns the seconds the model took."""
+    """Deblur one image (3, H, W) in [0, 1] into the file `dst`, atomically; returns the seconds the model took."""
     gray = torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])  # a grayscale file stays grayscale
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
