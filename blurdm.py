@@ -678,16 +678,11 @@ class BlurDM(nn.Module):
         """
         Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and W, on any device
         -> the sharp estimate, same shape and device, floats in [0, 1]. All T steps run; `seed` fixes ε (official:
-        2023); `prior` may be passed in instead (deblur_tiled passes the whole image's to every tile).
+        2023); `prior` may be passed in instead.
         """
         x = image_batch(blurry, next(self.parameters()))
-        modes = [(module, module.training) for module in self.modules()]  # restored exactly: SE stays frozen
-        self.eval()
-        try:
+        with eval_mode(self):
             out = self.deblur_whole(x, self.prior_for(x, seed) if prior is None else prior)
-        finally:
-            for module, training in modes:
-                module.training = training
         return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
 
     def deblur_whole(self, blurry, prior):
@@ -695,6 +690,18 @@ class BlurDM(nn.Module):
         H, W = blurry.shape[-2:]
         x = pad_to_multiple(blurry, 8).contiguous(memory_format=memory_format(blurry.device))
         return self.restore(x, prior)[-1][..., :H, :W].clamp(0, 1).contiguous()
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for a while; each module's own mode is restored after (SE stays frozen in stage 2)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def image_batch(images, like):
@@ -752,12 +759,16 @@ def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
         free = torch.cuda.mem_get_info(x.device)[0]
         tile = max(64, 2 * overlap, 8 * int((free / 2 / (ACTIVATION_FLOATS * 4 * model.cfg.width)) ** 0.5 / 8))
     tile = 1536 if tile is None else tile
-    prior = model.prior_for(x, seed)
-    if not tile or max(x.shape[-2:]) <= tile:
-        return model.deblur(blurry, prior=prior)
+    with eval_mode(model):
+        prior = model.prior_for(x, seed)
+        out = tiled(model, x, prior, 8 * (tile // 8), 8 * math.ceil(overlap / 8)) \
+            if tile and max(x.shape[-2:]) > tile else model.deblur_whole(x, prior)
+    return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
+
+
+def tiled(model, x, prior, tile, overlap):
+    """deblur_whole on overlapping tiles of (B, 3, H, W) in [0, 1], tile and overlap multiples of 8."""
     H, W = x.shape[-2:]
-    overlap = 8 * math.ceil(overlap / 8)
-    tile = 8 * (tile // 8)
     x = pad_to_multiple(x, 8)  # as deblur_whole pads the untiled image
     (ys, th), (xs, tw) = tile_starts(x.shape[-2], tile, overlap), tile_starts(x.shape[-1], tile, overlap)
     out, weight = torch.zeros_like(x), torch.zeros_like(x[:, :1])
@@ -766,10 +777,9 @@ def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
             w = blend_ramp(th, overlap, top > 0, top + th < x.shape[-2], x.device)[:, None] * \
                 blend_ramp(tw, overlap, left > 0, left + tw < x.shape[-1], x.device)  # (th, tw)
             window = (..., slice(top, top + th), slice(left, left + tw))
-            out[window] += model.deblur(x[window], prior=prior) * w
-            weight[..., top:top + th, left:left + tw] += w
-    out = (out / weight)[..., :H, :W]
-    return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
+            out[window] += model.deblur_whole(x[window], prior) * w
+            weight[window] += w
+    return (out / weight)[..., :H, :W]
 
 
 ACTIVATION_FLOATS = 64  # a bound on the numbers MIMO-UNet keeps alive per pixel and channel of width, for --tile
@@ -932,7 +942,7 @@ def save_checkpoint(path, model, **extra):
         raise OSError(f"{path}: cannot write ({(str(err).strip().splitlines() or [type(err).__name__])[-1]})") from None
 
 
-def torch_load(path, *, allowed=()):
+def safe_load(path, *, allowed=()):
     """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may rebuild), and a
     one-line error for anything else."""
     path = Path(path)
@@ -960,7 +970,7 @@ def read_checkpoint(path):
     project's files are read as they are; MIMO-UNet's and the official BlurDM code's are converted (see below).
     Every weight must be a finite tensor.
     """
-    checkpoint = torch_load(path, allowed=[argparse.Namespace])  # the official files pickle their settings so
+    checkpoint = safe_load(path, allowed=[argparse.Namespace])  # the official files pickle their settings as one
     if isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm":
         if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
             raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
@@ -1060,7 +1070,7 @@ def convert_foreign(path, checkpoint):
             if key in checkpoint:
                 source = checkpoint
             elif sibling != path and sibling.is_file():  # final_deblur_X.pth: final_dm_X.pth and final_le_X.pth
-                source = torch_load(sibling, allowed=[argparse.Namespace])
+                source = safe_load(sibling, allowed=[argparse.Namespace])
             else:
                 source = {}
             weights = source.get(key, {}) if isinstance(source, dict) else {}
