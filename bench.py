@@ -87,7 +87,7 @@ def run_case(preset, size, device, repeat, train_step, compile_model, amp, reuse
             t0 = time.perf_counter()
             s = next(steps)
             items = default_collate([dataset[(3, s, k)] for k in range(batch)])
-            items = blurdm.render_batch(items, device) if on_gpu else items
+            items = blurdm.blur_batch_on_device(items, device) if on_gpu else items
             blur, sharp = (x.to(device, memory_format=memory_format) for x in items)
             sync(device)
             data_time.append(time.perf_counter() - t0)

@@ -1,79 +1,66 @@
 """
 BlurDM: a blur diffusion model for image deblurring, in one file.
 
-Paper: J.-T. He, F.-J. Tsai, Y.-T. Peng, M.-H. Chen, C.-W. Lin, Y.-Y. Lin, "BlurDM: A Blur Diffusion Model for
-Image Deblurring", NeurIPS 2025, arXiv:2512.03979. Official code: github.com/Jin-Ting-He/BlurDM (MIMO-UNet+).
+Paper: J.-T. He, F.-J. Tsai, Y.-T. Peng, M.-H. Chen, C.-W. Lin, Y.-Y. Lin, "BlurDM: A Blur Diffusion
+Model for Image Deblurring", NeurIPS 2025, arXiv:2512.03979. Official code:
+github.com/Jin-Ting-He/BlurDM.
 
-Motion blur is light integrated over a growing exposure. BlurDM's forward process adds that light (a blur residual)
-and Gaussian noise step by step, so a sharp image diffuses into "blurred + noise"; the reverse process removes both.
-It runs on a 256-d latent vector and its output, a sharp prior, modulates the decoder of a MIMO-UNet deblurrer.
+Motion blur is light gathered over a growing exposure. BlurDM's forward process adds that light (a
+blur residual) and Gaussian noise step by step, so a sharp image diffuses into "blurred + noise";
+the reverse process removes both. It runs on a latent vector per image, and its output, the sharp
+prior, modulates the decoder of a MIMO-UNet deblurrer. Equation numbers (2.1) ... refer to METHOD.md
+beside this file.
 
-Time steps run t = 1..T as in the paper. Every schedule tensor has length T + 1 and index 0 is the sharp state.
+Time steps run t = 1..T as in the paper; every schedule tensor has length T + 1, index 0 the start
+of the chain: B_0 is the shortest exposure (nearly sharp), B_T the blurred image.
 
-    code             paper        meaning
-    alpha[t]         α_t          exposure length after step t (α_0 < α_1 < ... < α_T)
-    beta[t]          β_t          noise scale of step t (beta[0] = 0, unused)
-    beta_bar[t]      β̄_t          total noise: I_t = B_t + β̄_t ε
-    B[t]             B_t          image exposed for α_t (B_0 sharp, B_T blurred), linear light
-    e[t]             e_t          blur residual: light gathered between α_{t-1} and α_t (e[0] = 0)
-    x_t              I_t, Z_t     diffusion state, pixels or a latent vector
-    eps              ε            standard Gaussian noise
-    e_hat, eps_hat   ê_t, ε̂_t     outputs of the blur and noise residual estimators
-    z_sharp          Z^S          sharp encoder latent SE(blur, sharp): the stage-2 target
-    z_blur           Z^B          blur encoder latent BE(blur, blur): start point and condition c
-    prior            Z_0^B        end of the reverse chain, fused into the deblurrer
+    code              paper      meaning
+    alpha[t]          α_t        exposure length after step t (α_0 < α_1 < ... < α_T)
+    beta[t]           β_t        noise scale of step t (beta[0] = 0, unused)
+    beta_bar[t]       β̄_t        accumulated noise: I_t = B_t + β̄_t ε
+    B[t]              B_t        the image exposed for α_t, in linear light
+    e[t]              e_t        blur residual: light gathered between α_{t-1} and α_t (e[0] = 0)
+    x_t               I_t, Z_t   diffusion state: an image, or a latent vector
+    eps               ε          standard Gaussian noise
+    e_hat, eps_hat    ê_t, ε̂_t   outputs of the blur and noise residual estimators
+    sharp_latent      Z^S        SE(blur, sharp), the sharp encoder's latent: the stage-2 target
+    z_blur            Z^B        BE(blur, blur), the blur encoder's latent: start and condition c
+    sharp_prior       Z_0^B      end of the reverse chain, fused into the deblurrer
 
-Sections, in reading order:
-    1. Config                BlurDMConfig and its presets
-    2. Blur formation        camera shake -> exposures B_0..B_T; synthetic training pairs (METHOD.md §1, §7)
-    3. Blur diffusion        schedule, q_step / q_sample, p_sample / p_sample_loop        (§2-3)
-    4. Latent prior          encoders, residual estimators, prior fusion module           (§4)
-    5. Deblurring network    MIMO-UNet / MIMO-UNet+ with a fusion module per decoder level
-    6. The full model        BlurDM on any deblurrer: stages and their losses, deblur()   (§5)
-    7. Tiles                 deblur_tiled: large images, one prior for the whole image
-    8. Metrics               PSNR and the 3-D SSIM of the paper's tables; evaluate()       (§6)
-    9. Checkpoints           this project's, MIMO-UNet's and the official code's; export
-    10. Files                images, data sets on disk, training samples; device and precision
-
-METHOD.md, beside this file, derives the equations the code cites.
+Two parts. Part I is the method, in the paper's order, and needs only torch: config, blur formation,
+blur diffusion, the latent prior networks, MIMO-UNet, and BlurDM (its training stages and losses,
+deblur() on whole images). To use BlurDM in another project, copy everything above the line
+"# Part II": it runs alone. Part II holds the tools train.py and sample.py share: large images in
+tiles, metrics, checkpoints (this project's, MIMO-UNet's and the official code's files; export),
+image files and data sets, the synthetic blur used to train on photographs, device and precision.
 """
 
-import argparse
-import copy
-import errno
-import fnmatch
-import functools
 import math
-import os
-import pickle
-import re
-import shutil
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Part I: the method
+# --------------------------------------------------------------------------------------------------
 # 1. Config
 
 
 @dataclass
 class BlurDMConfig:
-    """What shapes the weights and the method. The training recipe (crop, batch, learning rate, stage lengths) is
-    train.py's; a checkpoint's config is checked where the file is read (check_config)."""
-    # deblurring network: MIMO-UNet+ by default (the paper's "MIMO-UNet" row)
+    """What shapes the weights and the method; the defaults are the paper's (MIMO-UNet+, BlurDM).
+    The training recipe (crop, batch, learning rate, stage lengths) is not part of the model."""
+    # deblurring network
     width: int = 32  # channels at full resolution; 2x and 4x at the 1/2 and 1/4 scales
-    num_res: int = 20  # residual blocks per encoder and decoder stage (MIMO-UNet: 8)
+    num_res: int = 20  # residual blocks a stage (MIMO-UNet+: 20, MIMO-UNet: 8)
     dropout: float = 0.1  # Dropout2d on the two feature-fusion outputs (MIMO-UNet+ only)
     prior: bool = True  # False: the backbone alone, the paper's baseline
-    fusion_residual: bool = False  # prior fusion as features·(1 + k) + v, starting at 0: see PriorFusion
-    input_offset: float = 0.5  # the networks see image - offset: 0.5 as BlurDM's code, 0 as MIMO-UNet's weights
-    # latent prior (official LE_arch and estimators)
+    fusion_residual: bool = False  # fusion as features·(1 + k) + v: PriorFusion
+    input_offset: float = 0.5  # networks see image - offset; 0 for MIMO-UNet's weights
+    # latent prior (the official code's LE_arch and estimators)
     latent_dim: int = 256
     encoder_width: int = 64
     encoder_blocks: int = 6
@@ -84,11 +71,11 @@ class BlurDMConfig:
     alpha_end: float = 2.0
     beta_start: float = 0.0
     beta_end: float = 0.02
-    beta_bar_rule: str = "paper"  # "paper": Σ (α_i/α_t)² β_i²; "official": the official code's variant
+    beta_bar_rule: str = "paper"  # "paper": Eq. (2.2); "official": the official code's variant
     # losses
     fft_weight: float = 0.1
     charbonnier_eps: float = 1e-3
-    prior_loss: str = "l1"  # "l1" as in the paper, "charbonnier" as in the official code
+    prior_distance: str = "l1"  # the stage-2 loss: "l1" (paper) or "charbonnier" (official code)
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -98,18 +85,20 @@ class BlurDMConfig:
 
 
 PRESETS = {
-    "paper": {},  # MIMO-UNet+ + BlurDM
-    "mimo-unet": dict(num_res=8, dropout=0.0),
-    "demo": dict(width=16, num_res=2, dropout=0.0, latent_dim=64, encoder_width=16, encoder_blocks=2),  # for CPUs
-    "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16, encoder_blocks=1),  # for tests
+    "paper": {},  # MIMO-UNet+ with BlurDM: the row the paper's Table 1 calls "MIMO-UNet"
+    "mimo-unet": dict(num_res=8, dropout=0.0),  # Cho et al.'s MIMO-UNet: in no row of Table 1
+    "demo": dict(width=16, num_res=2, dropout=0.0, latent_dim=64, encoder_width=16,
+                 encoder_blocks=2),  # the shipped weights, sized for CPUs
+    "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16,
+                 encoder_blocks=1),  # for tests
 }
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Blur formation (METHOD.md §1): a camera integrates light while the shutter is open
+# --------------------------------------------------------------------------------------------------
+# 2. Blur formation (METHOD.md §1): a camera integrates light while its shutter is open
 
 
 def srgb_to_linear(x):
-    """sRGB values in [0, 1] -> linear light in [0, 1] (IEC 61966-2-1); linear_to_srgb is its inverse."""
+    """sRGB values in [0, 1] -> linear light in [0, 1] (IEC 61966-2-1); see linear_to_srgb."""
     x = x.clamp(0, 1)
     return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
 
@@ -119,219 +108,134 @@ def linear_to_srgb(x):
     return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)
 
 
-def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120.0, generator=None):
-    """
-    A random camera path over one exposure. Returns (N, 4) float64, one row per sub-frame: shift dx, dy in pixels,
-    rotation in radians, log zoom. The camera moves at constant speed along a heading that turns smoothly (its rate
-    of turn is a random walk, `turn` degrees its typical total), which gives the straight lines, arcs and S-curves of
-    blur kernels in hand-held video. `length` is the path length in pixels; `rotation` (degrees) and `zoom`
-    (relative) are the total change over the exposure, which makes the blur vary across the image.
-    The sharp image is the time centre of the exposure (the middle sub-frame when N is odd: GoPro's convention).
-    Constant speed is what makes that target learnable: the time centre is then the middle of the streak the blurred
-    image shows. Under a speed that varies (a shaky random walk) it is not: a sharp image moved to the streak's
-    centroid scores no better than the blurry input, and a network can only learn to hedge (METHOD.md §7).
-    """
-    n, g = num_subframes, generator
-    f64 = dict(generator=g, dtype=torch.float64)
-    rate = torch.randn((), **f64) + torch.cumsum(torch.randn(n, **f64), 0) / math.sqrt(n)  # rate of turn, smooth
-    heading = 2 * math.pi * torch.rand((), **f64) + torch.cumsum(rate, 0) * math.radians(turn) / n
-    steps = torch.stack([heading.cos(), heading.sin()], 1) * (length / max(n - 1, 1))
-    position = torch.cat([torch.zeros(1, 2, dtype=torch.float64), torch.cumsum(steps[:-1], 0)])
-    ramp = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
-    path = torch.cat([position, (math.radians(rotation) * ramp)[:, None], (math.log1p(zoom) * ramp)[:, None]], 1)
-    return path - (path[(n - 1) // 2] + path[n // 2]) / 2
-
-
-def affine_theta(path, H, W):
-    """Camera path rows (..., 4): dx, dy in pixels, rotation, log zoom -> grid_sample's affine matrices (..., 2, 3)
-    for an H x W image: the move, and the rotation and zoom about the centre, in [-1, 1] coordinates."""
+def affine_theta(path, height, width):
+    """Camera path rows (..., 4): shift dx, dy in pixels, rotation in radians, log zoom -> the affine
+    matrices (..., 2, 3) of grid_sample: the shift, and the rotation and zoom about the centre."""
     dx, dy, angle, log_zoom = path.unbind(-1)
     cos, sin = log_zoom.exp() * angle.cos(), log_zoom.exp() * angle.sin()
-    return torch.stack([torch.stack([cos, -sin * H / W, 2 * dx / W], -1),
-                        torch.stack([sin * W / H, cos, 2 * dy / H], -1)], -2)
+    aspect = height / width
+    return torch.stack([torch.stack([cos, -sin * aspect, 2 * dx / width], -1),
+                        torch.stack([sin / aspect, cos, 2 * dy / height], -1)], -2)
 
 
 def warp(image, theta):
-    """Resample (B, C, H, W) by affine matrices (B, 2, 3) (bilinear, reflected at the border). The grid is built in
-    float64: on a GPU, affine_grid is a matrix product that TF32 would round to a fraction of a pixel."""
+    """Resample (n, C, h, w) by affine matrices (n, 2, 3), bilinear, reflected at the border. The grid
+    is built in float64: on a GPU, affine_grid is a matrix product that TF32 would round."""
     grid = F.affine_grid(theta.double(), list(image.shape), align_corners=False).to(image.dtype)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(image, grid, "bilinear", "reflection", align_corners=False)
+
+
+def integrate_light(radiance, theta, weights):
+    """
+    The exposure integral over a camera path of N sub-frames, radiance constant on each: for each of
+    R integrals, Σ_k weights[r, :, k] · (radiance moved by theta[:, k]). radiance (n, 3, h, w) in
+    linear light; theta (n, N, 2, 3), one path per image; weights (R, n, N) -> (R, n, 3, h, w).
+    """
+    total = radiance.new_zeros(weights.shape[0], *radiance.shape)
+    for k in range(theta.shape[1]):
+        total += weights[:, :, k, None, None, None] * warp(radiance, theta[:, k])
+    return total
 
 
 def render_exposures(sharp, path, alpha):
     """
-    Blur formation (METHOD.md §1). Moves `sharp` (B, 3, H, W, sRGB in [0, 1]) along `path` (N, 4) and integrates
-    the scene radiance H(τ) in linear light. Sub-frame k lights the time interval [k, k+1) · α_T / N.
-    Returns B and e, each (T+1, B, 3, H, W) in linear light:
-        B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ          the image exposed for α_t
-        e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ          the blur residual (e[0] = 0)
-    Both integrals are exact for the piecewise-constant H, partial sub-frames weighted by their overlap.
+    Blur formation (METHOD.md §1): every exposure B_t and blur residual e_t of a sharp sRGB image
+    (n, 3, h, w) in [0, 1], moved along a camera path (N, 4) whose sub-frame k lights the time
+    [k, k + 1) · α_T / N. Returns B and e, each (T + 1, n, 3, h, w), in linear light:
+        B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ,   e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ   (e[0] = 0)
+    exact for the piecewise-constant radiance H, a sub-frame cut by a window weighted by its
+    overlap.
     """
     alpha = torch.as_tensor(alpha, dtype=torch.float64)
-    n = path.shape[0]
-    tau = alpha * n / alpha[-1]  # exposure ends in units of sub-frames
-    k = torch.arange(n, dtype=torch.float64)
+    N = path.shape[0]
+    tau = alpha * N / alpha[-1]  # the exposure ends, in sub-frames
+    k = torch.arange(N, dtype=torch.float64)
 
-    def overlap(start, end):  # (T+1, N) length of [start, end) ∩ [k, k+1)
+    def overlap(start, end):  # (T + 1, N): the length of [start, end) ∩ [k, k + 1)
         return (torch.minimum(end[:, None], k + 1) - torch.maximum(start[:, None], k)).clamp(min=0)
 
-    dtau = alpha[-1] / n
-    exposure_weight = (overlap(torch.zeros_like(tau), tau) * dtau).to(sharp)  # (T+1, N)
-    residual_weight = (overlap(torch.cat([tau[:1], tau[:-1]]), tau) * dtau).to(sharp)  # row 0 is empty
-    radiance = srgb_to_linear(sharp)
-    integral = torch.zeros(len(alpha), *sharp.shape, dtype=sharp.dtype, device=sharp.device)  # ∫_0^{α_t} H
-    e = torch.zeros_like(integral)
-    theta = affine_theta(path, *sharp.shape[-2:])  # (N, 2, 3)
-    for j in range(n):
-        frame = warp(radiance, theta[j].expand(sharp.shape[0], 2, 3))
-        integral += exposure_weight[:, j].view(-1, 1, 1, 1, 1) * frame
-        e += residual_weight[:, j].view(-1, 1, 1, 1, 1) * frame
-    B = integral / alpha.to(sharp).view(-1, 1, 1, 1, 1)
-    return B, e
+    exposure = overlap(torch.zeros_like(tau), tau)  # ∫_0^{α_t}
+    residual = overlap(torch.cat([tau[:1], tau[:-1]]), tau)  # ∫_{α_{t-1}}^{α_t}; row 0 is empty
+    weights = (torch.cat([exposure, residual]) * alpha[-1] / N).to(sharp)  # (2T + 2, N)
+    theta = affine_theta(path, *sharp.shape[-2:]).expand(len(sharp), N, 2, 3)
+    weights = weights[:, None].expand(-1, len(sharp), N)  # the same path for every image
+    integrals = integrate_light(srgb_to_linear(sharp), theta, weights)
+    B, e = integrals.split(len(alpha))
+    return B / alpha.to(sharp).view(-1, 1, 1, 1, 1), e
 
-
-BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, from slight to strong
-
-
-def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
-                    noise=(0.0, 0.01), window=None):
-    """
-    A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path
-    (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
-    re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
-    subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): bilinear
-    sub-frames a pixel apart leave no gaps in the streak, and short paths cost fewer sub-frames than a fixed 41.
-    window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows.
-    """
-    region, path, noise = blur_draws(sharp, generator, length, subframes, max_rotation, max_zoom, noise, window)
-    blurry = expose(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
-    return (blurry, centre(region, noise.shape[-2:])) if window else blurry
-
-
-def blur_draws(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
-               noise=(0.0, 0.01), window=None):
-    """
-    The random part of synthesize_blur, to render elsewhere (expose: on a GPU, a batch at a time). sharp: sRGB
-    (3, H, W), floats in [0, 1] or uint8 -> (region, path, noise). region: the image in [0, 1], or with a window its
-    (h, w) part and a margin around it (half the longest path, the path being centred, plus room for rotation and
-    zoom; reflected where it leaves the image), so that the resampling's reflected border stays outside the window;
-    path (N, 4) (camera_shake); noise: the sensor noise of the image or window, (3, h, w).
-    """
-    if window is not None:
-        top, left, h, w = window
-        m = math.ceil(length[1] / 2) + 8
-        sharp = crop_reflected(sharp, top - m, left - m, h + 2 * m, w + 2 * m)
-    sharp = sharp / 255 if sharp.dtype == torch.uint8 else sharp  # an 8-bit photograph, converted once cropped
-
-    def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
-
-    varying = torch.rand((), generator=generator).item() < 0.5
-    path_length = uniform(*length)
-    n = subframes or one_subframe_a_pixel(path_length)
-    path = camera_shake(n, path_length, uniform(-max_rotation, max_rotation) * varying,
-                        uniform(-max_zoom, max_zoom) * varying, generator=generator)
-    std = uniform(*noise)
-    noise = std * torch.randn(sharp.shape, generator=generator).to(sharp)  # drawn for the region, in its order
-    return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
-
-
-def one_subframe_a_pixel(path_length):
-    return 2 * math.ceil(path_length / 2) + 1  # odd: the middle sub-frame is the sharp image
-
-
-def expose(regions, paths, counts, noise):
-    """
-    Blur formation for a batch, each image along its own camera path: regions (B, 3, H, W) sRGB in [0, 1], paths
-    (B, N, 4) whose first counts[b] rows are sample b's sub-frames -> (B, 3, h, w) sRGB: the mean of those sub-frames
-    in linear light (one exposure window of render_exposures), its centre (h, w) = noise's, plus noise, in 8 bits.
-    One grid_sample a sub-frame for the whole batch.
-    """
-    radiance, (H, W) = srgb_to_linear(regions), regions.shape[-2:]
-    total = torch.zeros_like(radiance)
-    for k in range(paths.shape[1]):
-        used = (k < counts).to(radiance).view(-1, 1, 1, 1)  # a sample with fewer sub-frames adds nothing here
-        total += used * warp(radiance, affine_theta(paths[:, k], H, W))
-    blurry = centre(linear_to_srgb(total / counts.to(radiance).view(-1, 1, 1, 1)), noise.shape[-2:]) + noise
-    return (blurry.clamp(0, 1) * 255).round() / 255
-
-
-def crop_reflected(image, top, left, h, w):
-    """image[..., top:top + h, left:left + w] for a window that may leave the image: reflected there (replicated
-    where the image is too small to reflect)."""
-    H, W = image.shape[-2:]
-    pad = (max(-left, 0), max(left + w - W, 0), max(-top, 0), max(top + h - H, 0))
-    inside = image[..., max(top, 0):top + h, max(left, 0):left + w]
-    if not any(pad):
-        return inside
-    mode = "reflect" if max(pad[:2]) < inside.shape[-1] and max(pad[2:]) < inside.shape[-2] else "replicate"
-    return F.pad(inside[None], pad, mode=mode)[0]
-
-
-def centre(image, size):
-    """The central (h, w) part of (..., H, W)."""
-    (H, W), (h, w) = image.shape[-2:], size
-    return image[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape
 
 
 def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
     """α_0..α_T, β_0..β_T (β_0 = 0) and β̄_0..β̄_T, in float64."""
+    if rule not in ("paper", "official"):
+        raise ValueError(f"beta_bar rule must be 'paper' or 'official', not {rule!r}")
     alpha = torch.linspace(alpha_start, alpha_end, T + 1, dtype=torch.float64)
     beta = torch.cat([torch.zeros(1, dtype=torch.float64),
                       torch.linspace(beta_start, beta_end, T, dtype=torch.float64)])
     beta_bar = torch.zeros(T + 1, dtype=torch.float64)
     for t in range(1, T + 1):
         i = torch.arange(1, t + 1)
-        if rule == "paper":  # Var(I_t) from the per-step rule: α_t² Var_t = α_{t-1}² Var_{t-1} + α_t² β_t²
+        if rule == "paper":  # Eq. (2.2): β̄_t² = Σ_{i≤t} (α_i/α_t)² β_i²
             beta_bar[t] = ((alpha[i] / alpha[t]) ** 2 * beta[i] ** 2).sum().sqrt()
-        else:  # the official code: α shifted by one and β not squared
+        else:  # the official code: α shifted by one index and β not squared
             beta_bar[t] = ((alpha[i - 1] / alpha[t]) ** 2 * beta[i]).sum().sqrt()
     return alpha, beta, beta_bar
 
 
 class BlurDiffusion(nn.Module):
-    """Dual noise and blur diffusion (forward) and dual denoising and deblurring (reverse)."""
+    """
+    Dual noise and blur diffusion (forward, q_*) and dual denoising and deblurring (reverse, p_*).
+
+    The latent model uses two of these: q_sample at t = T for the start point x_T = Z^B + β̄_T ε,
+    and p_sample_loop for the chain. Latent vectors have no exposures, so nothing calls q_step on
+    them and the estimators never see a true e_t or ε: they learn through the chain's result (stage
+    2). q_step and render_exposures pin the equations on pixels, in the tests. Where the paper's
+    abstract says the reverse process starts from "pure Gaussian noise conditioned on the blurred
+    image", the code starts where the forward chain ends, Eq. (2.2) at t = T: the blurred latent
+    plus β̄_T ε (β̄_T = 0.026 with the paper's schedule), conditioned on c = Z^B.
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.T = cfg.T
-        alpha, beta, beta_bar = blur_schedule(cfg.T, cfg.alpha_start, cfg.alpha_end, cfg.beta_start, cfg.beta_end,
-                                              cfg.beta_bar_rule)
+        alpha, beta, beta_bar = blur_schedule(cfg.T, cfg.alpha_start, cfg.alpha_end, cfg.beta_start,
+                                              cfg.beta_end, cfg.beta_bar_rule)
         # derived from the config, so kept out of the checkpoint
         self.register_buffer("alpha", alpha.float(), persistent=False)
         self.register_buffer("beta", beta.float(), persistent=False)
         self.register_buffer("beta_bar", beta_bar.float(), persistent=False)
 
     def q_step(self, x_prev, t, e_t, eps):
-        """One forward step (METHOD.md §2): I_t = (α_{t-1}/α_t) I_{t-1} + e_t/α_t + β_t ε_t."""
+        """One forward step, q(I_t | I_{t-1})."""
         a = self.alpha
-        return a[t - 1] / a[t] * x_prev + e_t / a[t] + self.beta[t] * eps
+        return a[t - 1] / a[t] * x_prev + e_t / a[t] + self.beta[t] * eps  # Eq. (2.1)
 
     def q_sample(self, B_t, t, eps):
-        """Closed form of q(I_t | I_0) (§2): I_t = B_t + β̄_t ε."""
-        return B_t + self.beta_bar[t] * eps
+        """The closed form of q(I_t | I_0)."""
+        return B_t + self.beta_bar[t] * eps  # Eq. (2.2)
 
     def p_sample(self, x_t, t, e_hat, eps_hat):
-        """One reverse step (§3), deterministic:
-        I_{t-1} = (α_t I_t - ê_t)/α_{t-1} - (α_t β̄_t/α_{t-1} - β̄_{t-1}) ε̂_t."""
+        """
+        One reverse step, deterministic (no fresh noise). The official code special-cases t = 1 as
+        (α_1 I_1 - ê_1)/α_0; that is this line, because β_1 = 0 makes β̄_1 = 0 under both β̄ rules,
+        so the noise term's coefficient α_1 β̄_1/α_0 - β̄_0 vanishes.
+        """
         a, bb = self.alpha, self.beta_bar
-        return (a[t] * x_t - e_hat) / a[t - 1] - (a[t] * bb[t] / a[t - 1] - bb[t - 1]) * eps_hat
+        noise_coefficient = a[t] * bb[t] / a[t - 1] - bb[t - 1]
+        return (a[t] * x_t - e_hat) / a[t - 1] - noise_coefficient * eps_hat  # Eq. (3.1)
 
     def p_sample_loop(self, x_T, c, blur_estimator, noise_estimator):
-        """The reverse chain t = T..1. Each estimator is called as estimator(x_t, t / T, c)."""
+        """The reverse chain t = T..1 -> x_0; each estimator is called as estimator(x_t, t / T, c)."""
         x_t = x_T
         for t in range(self.T, 0, -1):
             t_frac = torch.full((x_t.shape[0], 1), t / self.T, dtype=x_t.dtype, device=x_t.device)
-            x_t = self.p_sample(x_t, t, blur_estimator(x_t, t_frac, c), noise_estimator(x_t, t_frac, c))
+            e_hat, eps_hat = blur_estimator(x_t, t_frac, c), noise_estimator(x_t, t_frac, c)
+            x_t = self.p_sample(x_t, t, e_hat, eps_hat)
         return x_t
 
-
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Latent prior networks (METHOD.md §4)
 
 
@@ -339,8 +243,8 @@ class EncoderBlock(nn.Module):
     def __init__(self, channels, batch_norm):
         super().__init__()
         norm = (lambda: nn.BatchNorm2d(channels)) if batch_norm else nn.Identity
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), norm(), nn.LeakyReLU(0.1),
-                                  nn.Conv2d(channels, channels, 3, padding=1), norm())
+        conv = lambda: nn.Conv2d(channels, channels, 3, padding=1)
+        self.body = nn.Sequential(conv(), norm(), nn.LeakyReLU(0.1), conv(), norm())
 
     def forward(self, x):
         return x + self.body(x)
@@ -348,9 +252,9 @@ class EncoderBlock(nn.Module):
 
 class LatentEncoder(nn.Module):
     """
-    Two images -> one latent vector (the official LE_arch). Used twice: as the sharp encoder SE(blur, sharp), with
-    BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs: images minus cfg.input_offset (in
-    [-0.5, 0.5]), H and W divisible by 4.
+    Two images -> one latent vector (the official code's LE_arch). Used twice: as the sharp encoder
+    SE(blur, sharp), with BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs: images
+    minus cfg.input_offset (in [-0.5, 0.5]), H and W divisible by 4.
     """
 
     def __init__(self, cfg, batch_norm):
@@ -358,10 +262,13 @@ class LatentEncoder(nn.Module):
         w, d = cfg.encoder_width, cfg.latent_dim
         lrelu = lambda: nn.LeakyReLU(0.1)
         self.stem = nn.Sequential(nn.Conv2d(2 * 48, w, 3, padding=1), lrelu())
-        self.blocks = nn.Sequential(*[EncoderBlock(w, batch_norm) for _ in range(cfg.encoder_blocks)])
+        blocks = [EncoderBlock(w, batch_norm) for _ in range(cfg.encoder_blocks)]
+        self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.Conv2d(w, 2 * w, 3, padding=1), lrelu(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), lrelu(),
-            nn.Conv2d(2 * w, d, 3, padding=1), lrelu(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), lrelu(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), lrelu(),
+            nn.Conv2d(2 * w, d, 3, padding=1), lrelu(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(d, d), lrelu(), nn.Linear(d, d), lrelu())
 
     def forward(self, x, y):
@@ -371,8 +278,9 @@ class LatentEncoder(nn.Module):
 
 class ResidualEstimator(nn.Module):
     """
-    The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an MLP on
-    concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only time embedding (official).
+    The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an
+    MLP on concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only
+    embedding of time (as the official code).
     """
 
     def __init__(self, cfg):
@@ -384,16 +292,17 @@ class ResidualEstimator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x_t, t_frac, c):
-        h = torch.cat([c, t_frac, x_t], 1).to(self.net[0].weight.dtype)  # (B, 2d + 1), in the weights' dtype
+        h = torch.cat([c, t_frac, x_t], 1).to(self.net[0].weight.dtype)  # (B, 2d + 1)
         return self.net(h).to(x_t.dtype)  # (B, d)
 
 
 class PriorFusion(nn.Module):
     """
-    Prior fusion module: features · k + v, with (k, v) a bias-free linear map of the prior (no "+1" on k, as the
-    official code). With residual=True it is features · (1 + k) + v with the map starting at zero: the identity at
-    the start, so that a prior added to a trained backbone begins at the backbone's own output (our choice, for
-    fine-tuning published weights; the parameters are the same).
+    The prior fusion module: features · k + v, (k, v) a bias-free linear map of the prior (no "+1"
+    on k, as the official code). With residual=True it is features · (1 + k) + v with the map
+    starting at zero: the identity at first, so that a prior added to a trained backbone starts at
+    the backbone's own output (our choice, for fine-tuning published weights; the parameters are the
+    same).
     """
 
     def __init__(self, latent_dim, channels, residual=False):
@@ -404,16 +313,16 @@ class PriorFusion(nn.Module):
             nn.init.zeros_(self.to_scale_shift.weight)
 
     def forward(self, x, prior):
-        k, v = self.to_scale_shift(prior.to(x.dtype))[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+        k, v = self.to_scale_shift(prior.to(x.dtype))[:, :, None, None].chunk(2, 1)  # (B, C, 1, 1)
         return x * (1 + k) + v if self.residual else x * k + v
 
+# --------------------------------------------------------------------------------------------------
+# 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021), a prior fusion module per decoder level
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021) with a prior fusion module per decoder level
 
-
-def conv(c_in, c_out, kernel, stride=1, relu=True, transpose=False):
-    """MIMO-UNet's BasicConv (no normalisation): a conv, or a transposed conv for x2 upsampling, then ReLU."""
+def basic_conv(c_in, c_out, kernel, stride=1, relu=True, transpose=False):
+    """MIMO-UNet's BasicConv (without normalisation): a conv, or a transposed conv for x2
+    upsampling, then a ReLU."""
     if transpose:
         layer = nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding=kernel // 2 - 1)
     else:
@@ -424,32 +333,34 @@ def conv(c_in, c_out, kernel, stride=1, relu=True, transpose=False):
 class ResBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.body = nn.Sequential(conv(channels, channels, 3), conv(channels, channels, 3, relu=False))
+        self.body = nn.Sequential(basic_conv(channels, channels, 3),
+                                  basic_conv(channels, channels, 3, relu=False))
 
     def forward(self, x):
         return x + self.body(x)
 
 
 class ShallowConv(nn.Module):
-    """SCM: features for a downscaled input image, which keeps its 3 channels alongside."""
+    """SCM: features of a downscaled input image, which keeps its 3 channels alongside."""
 
     def __init__(self, channels):
         super().__init__()
         c = channels
-        self.body = nn.Sequential(conv(3, c // 4, 3), conv(c // 4, c // 2, 1), conv(c // 2, c // 2, 3),
-                                  conv(c // 2, c - 3, 1))
-        self.out = conv(c, c, 1, relu=False)
+        self.body = nn.Sequential(basic_conv(3, c // 4, 3), basic_conv(c // 4, c // 2, 1),
+                                  basic_conv(c // 2, c // 2, 3), basic_conv(c // 2, c - 3, 1))
+        self.out = basic_conv(c, c, 1, relu=False)
 
     def forward(self, image):
         return self.out(torch.cat([image, self.body(image)], 1))
 
 
 class FeatureAttention(nn.Module):
-    """FAM: x + conv(x ⊙ z), merging encoder features x with the shallow features z of the scaled input."""
+    """FAM: x + conv(x ⊙ z), merging encoder features x with the shallow features z of the scaled
+    input."""
 
     def __init__(self, channels):
         super().__init__()
-        self.merge = conv(channels, channels, 3, relu=False)
+        self.merge = basic_conv(channels, channels, 3, relu=False)
 
     def forward(self, x, z):
         return x + self.merge(x * z)
@@ -457,23 +368,24 @@ class FeatureAttention(nn.Module):
 
 class FeatureFusion(nn.Module):
     """
-    AFF: the encoder features of all three scales, resampled to one scale, mixed into one skip connection:
-    conv3x3(ReLU(conv1x1(concat[f1, f2, f3] at that scale))). Nearest resampling commutes with a 1x1 conv, so each
-    scale is mixed at the smaller of its own size and the target size and only the mixed result is resampled: the
-    same numbers as the concatenation, without building 7c channels at full resolution.
+    AFF: the encoder features of all three scales, resampled to one scale, mixed into one skip
+    connection: conv3x3(ReLU(conv1x1(concat[f1, f2, f3] at that scale))). Nearest resampling
+    commutes with a 1x1 conv, so each scale is mixed at the smaller of its own size and the target
+    size and only the mixed result is resampled: the numbers of the concatenation, without 7C
+    channels at full size.
     """
 
     def __init__(self, channels, c_out):
         super().__init__()
         self.channels = channels  # input channels of each scale, e.g. (c, 2c, 4c)
         self.mix = nn.Conv2d(sum(channels), c_out, 1)
-        self.out = conv(c_out, c_out, 3, relu=False)
+        self.out = basic_conv(c_out, c_out, 3, relu=False)
 
     def forward(self, features, size):
         h = self.mix.bias.view(1, -1, 1, 1)
         for f, w in zip(features, self.mix.weight.split(self.channels, dim=1)):
             if f.shape[-1] > size[-1]:
-                f = F.interpolate(f, size=size)  # nearest downsampling picks pixels: do it before the conv
+                f = F.interpolate(f, size=size)  # nearest picks pixels: before the conv
             f = F.conv2d(f, w)
             h = h + (F.interpolate(f, size=size) if f.shape[-1] < size[-1] else f)
         return self.out(F.relu(h))
@@ -481,35 +393,38 @@ class FeatureFusion(nn.Module):
 
 class MIMOUNet(nn.Module):
     """
-    MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output, three scales.
-    Input (B, 3, H, W), the image minus cfg.input_offset ([-0.5, 0.5], or [0, 1] for MIMO-UNet's own weights), H
-    and W divisible by 4; returns the restored image (in the input's range) at 1/4, 1/2 and full
-    scale, each the network's residual added to the equally scaled input. With cfg.prior the prior fusion modules
-    modulate the input of each decoder stage; without, the network is the plain backbone.
+    MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output, three
+    scales. Input (B, 3, H, W): the image minus cfg.input_offset, H and W divisible by 4. Returns
+    the restored image (in the input's range) at 1/4, 1/2 and full scale, each the network's
+    residual added to the equally scaled input. With cfg.prior a prior fusion module modulates the
+    input of each decoder stage; without, this is the plain backbone.
     """
 
     def __init__(self, cfg):
         super().__init__()
         c, n = cfg.width, cfg.num_res
         stage = lambda ch: nn.Sequential(*[ResBlock(ch) for _ in range(n)])
-        self.stem = conv(3, c, 3)
+        self.stem = basic_conv(3, c, 3)
         self.encoders = nn.ModuleList([stage(c), stage(2 * c), stage(4 * c)])
-        self.down = nn.ModuleList([conv(c, 2 * c, 3, stride=2), conv(2 * c, 4 * c, 3, stride=2)])
+        self.down = nn.ModuleList([basic_conv(c, 2 * c, 3, stride=2),
+                                   basic_conv(2 * c, 4 * c, 3, stride=2)])
         self.shallow = nn.ModuleList([ShallowConv(2 * c), ShallowConv(4 * c)])
         self.attention = nn.ModuleList([FeatureAttention(2 * c), FeatureAttention(4 * c)])
-        self.fusion = nn.ModuleList([FeatureFusion((c, 2 * c, 4 * c), c), FeatureFusion((c, 2 * c, 4 * c), 2 * c)])
+        self.fusion = nn.ModuleList([FeatureFusion((c, 2 * c, 4 * c), c),
+                                     FeatureFusion((c, 2 * c, 4 * c), 2 * c)])
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.decoders = nn.ModuleList([stage(4 * c), stage(2 * c), stage(c)])
-        self.up = nn.ModuleList([conv(4 * c, 2 * c, 4, stride=2, transpose=True),
-                                 conv(2 * c, c, 4, stride=2, transpose=True)])
-        self.squeeze = nn.ModuleList([conv(4 * c, 2 * c, 1), conv(2 * c, c, 1)])
-        self.to_image = nn.ModuleList([conv(4 * c, 3, 3, relu=False), conv(2 * c, 3, 3, relu=False),
-                                       conv(c, 3, 3, relu=False)])
-        for layer in self.to_image:  # start as the identity (out = input), not as the input plus random residuals
+        self.up = nn.ModuleList([basic_conv(4 * c, 2 * c, 4, stride=2, transpose=True),
+                                 basic_conv(2 * c, c, 4, stride=2, transpose=True)])
+        self.squeeze = nn.ModuleList([basic_conv(4 * c, 2 * c, 1), basic_conv(2 * c, c, 1)])
+        self.to_image = nn.ModuleList([basic_conv(ch, 3, 3, relu=False) for ch in (4 * c, 2 * c, c)])
+        for layer in self.to_image:  # start as the identity (out = input), not with random residuals
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch, cfg.fusion_residual)
-                                           for ch in (4 * c, 2 * c, c)]) if cfg.prior else None
+        self.prior_fusion = None
+        if cfg.prior:
+            self.prior_fusion = nn.ModuleList([PriorFusion(cfg.latent_dim, ch, cfg.fusion_residual)
+                                               for ch in (4 * c, 2 * c, c)])
 
     def decode(self, level, x, prior):
         if self.prior_fusion is not None:
@@ -517,7 +432,7 @@ class MIMOUNet(nn.Module):
         return self.decoders[level](x)
 
     def forward(self, x, prior=None):
-        x2 = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2))  # nearest, as everywhere inside MIMO-UNet
+        x2 = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2))  # nearest, as all inside
         x4 = F.interpolate(x2, size=(x2.shape[-2] // 2, x2.shape[-1] // 2))
         f1 = self.encoders[0](self.stem(x))  # (B, c, H, W)
         f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # (B, 2c, H/2, W/2)
@@ -533,9 +448,8 @@ class MIMOUNet(nn.Module):
         out1 = self.to_image[2](z) + x
         return [out4, out2, out1]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. The full model (METHOD.md §4-5)
+# --------------------------------------------------------------------------------------------------
+# 6. BlurDM: the latent prior on a deblurrer, its three training stages and losses (METHOD.md §4-5)
 
 
 def charbonnier(x, y, eps):
@@ -548,12 +462,15 @@ def spectrum(x):
 
 def deblur_loss(outputs, sharp, cfg):
     """
-    MIMO-UNet's loss: Σ_s Charbonnier(out_s, sharp_s) + 0.1 Σ_s Charbonnier(FFT out_s, FFT sharp_s), sharp_s the
-    bilinear downscale of the target to each output's size. `outputs`: a list of scales in [0, 1]; sharp in [0, 1].
+    MIMO-UNet's loss, Eq. (5.1): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C the
+    Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size.
+    outputs: a list of scales in [0, 1]; sharp in [0, 1].
     """
     content = frequency = 0.0
     for out in outputs:
-        target = sharp if out.shape == sharp.shape else F.interpolate(sharp, size=out.shape[-2:], mode="bilinear")
+        target = sharp
+        if out.shape != sharp.shape:
+            target = F.interpolate(sharp, size=out.shape[-2:], mode="bilinear")
         out = out.clamp(0, 1)
         content = content + charbonnier(out, target, cfg.charbonnier_eps)
         frequency = frequency + charbonnier(spectrum(out), spectrum(target), cfg.charbonnier_eps)
@@ -561,27 +478,33 @@ def deblur_loss(outputs, sharp, cfg):
 
 
 def prior_loss(prior, target, cfg):
-    """Stage 2: ‖Z_0^B - Z^S‖₁ (paper) or its Charbonnier form (official code)."""
-    if cfg.prior_loss == "l1":
+    """Stage 2's L_prior, Eq. (5.2): the mean absolute difference between Z_0^B and Z^S (the paper's
+    L1), or its Charbonnier form (the official code)."""
+    if cfg.prior_distance == "l1":
         return F.l1_loss(prior, target)
     return charbonnier(prior, target, cfg.charbonnier_eps)
 
 
+STAGE_PARTS = {  # what each training stage optimises; the rest is frozen (METHOD.md §5)
+    1: ("sharp_encoder", "deblurrer"),
+    2: ("blur_encoder", "blur_estimator", "noise_estimator"),
+    3: ("blur_encoder", "blur_estimator", "noise_estimator", "deblurrer"),
+}
 INFERENCE_SEED = 2023  # the official code's seed for the start noise of the reverse chain
-PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy (bounds its memory)
+PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy
 
 
 class BlurDM(nn.Module):
     """
-    Latent BlurDM on a deblurring network: MIMO-UNet(+) by default, or any `deblurrer` module whose forward is
-    deblurrer(x, prior) -> image or list of scales (full resolution last), with prior (B, d) or None, and PriorFusion
-    modules where its decoder wants the prior. Images enter and leave in [0, 1]; the networks see them shifted by
-    to_network, and the deblurrer's outputs are shifted back by restore.
-    Training stages (METHOD.md §5); forward(blur, sharp, stage) returns the stage's loss:
-        1. prior = SE(blur, sharp); train SE and the deblurrer with the deblurring loss;
-        2. prior = chain(BE(blur)), target = SE(blur, sharp) with SE frozen; train BE and both estimators;
-        3. prior = chain(BE(blur)); train BE, the estimators and the deblurrer with the deblurring loss.
-    Inference: deblur(blurry) on a whole image; deblur_tiled(model, ...) below for large ones.
+    Latent BlurDM on a deblurring network: MIMO-UNet(+) by default, or any `deblurrer` module whose
+    forward is deblurrer(x, prior) -> image or list of scales (full resolution last), prior (B, d)
+    or None, with PriorFusion modules where its decoder takes the prior. Images enter and leave in
+    [0, 1]. Training (METHOD.md §5): forward(blur, sharp, stage) returns the stage's loss.
+        1. prior Z^S = SE(blur, sharp); SE and the deblurrer learn the deblurring loss;
+        2. prior Z_0^B = chain(BE(blur)), target Z^S, SE frozen; BE and both estimators learn L_prior;
+        3. prior Z_0^B = chain(BE(blur)); BE, the estimators and the deblurrer learn the deblurring
+           loss.
+    Inference: deblur(blurry) on whole images.
     """
 
     def __init__(self, cfg=None, deblurrer=None):
@@ -596,55 +519,58 @@ class BlurDM(nn.Module):
             self.diffusion = BlurDiffusion(cfg)
 
     def to_network(self, image):
-        """An image in [0, 1] -> what the networks see: [-0.5, 0.5] (input_offset 0.5), or [0, 1] (offset 0)."""
+        """An image in [0, 1] -> what the networks see: [-0.5, 0.5] (input_offset 0.5), or [0, 1]."""
         return image - self.cfg.input_offset
 
-    def restore(self, blur, prior):
-        """The deblurrer on blur in [0, 1] (H, W a multiple of 4) -> its outputs in [0, 1], full resolution last."""
+    def run_deblurrer(self, blur, prior):
+        """The deblurrer on blur in [0, 1] (H, W multiples of 4) -> its outputs in [0, 1], full
+        resolution last."""
         out = self.deblurrer(self.to_network(blur), prior)
-        return [o + self.cfg.input_offset for o in (out if isinstance(out, (list, tuple)) else [out])]
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return [o + self.cfg.input_offset for o in out]
 
     def sharp_latent(self, blur, sharp):
         """Z^S = SE(blur, sharp) for images in [0, 1]: the stage-1 prior and the stage-2 target."""
         return self.sharp_encoder(self.to_network(blur), self.to_network(sharp))
 
-    def blur_prior(self, blur, eps=None):
-        """Z_0^B for blur in [0, 1]: the reverse chain from x_T = Z^B + β̄_T ε, conditioned on c = Z^B."""
+    def sharp_prior(self, blur, eps=None):
+        """The sharp prior Z_0^B for blur in [0, 1]: the reverse chain from x_T = Z^B + β̄_T ε,
+        conditioned on c = Z^B."""
         x = self.to_network(blur)
         z_blur = self.blur_encoder(x, x)  # (B, d)
-        z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # the chain's sums in fp32 at least
+        z_blur = z_blur.to(torch.promote_types(z_blur.dtype, torch.float32))  # fp32 or wider
         eps = torch.randn_like(z_blur) if eps is None else eps.to(z_blur)
         x_T = self.diffusion.q_sample(z_blur, self.cfg.T, eps)
         return self.diffusion.p_sample_loop(x_T, z_blur, self.blur_estimator, self.noise_estimator)
 
     def forward(self, blur, sharp, stage=3, eps=None):
         """
-        The training loss of a stage. blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4; eps: the chain's
-        start noise (drawn if None). A model without prior has one loss, the deblurring loss, whatever the stage.
+        The training loss of a stage. blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4;
+        eps: the chain's start noise (drawn if None). Without a prior there is one loss, the
+        deblurring loss, whatever the stage.
         """
-        if stage not in (1, 2, 3):
+        if stage not in STAGE_PARTS:
             raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
         if blur.shape[-1] % 4 or blur.shape[-2] % 4:
-            raise ValueError(f"H and W must be divisible by 4, got {tuple(blur.shape[-2:])}; deblur() pads for you")
+            raise ValueError(f"H and W must be divisible by 4, got {tuple(blur.shape[-2:])}; "
+                             "deblur() pads for you")
         if not self.cfg.prior:
-            return deblur_loss(self.restore(blur, None), sharp, self.cfg)
+            return deblur_loss(self.run_deblurrer(blur, None), sharp, self.cfg)
         if stage == 1:
-            return deblur_loss(self.restore(blur, self.sharp_latent(blur, sharp)), sharp, self.cfg)
-        prior = self.blur_prior(blur, eps)
+            prior = self.sharp_latent(blur, sharp)
+            return deblur_loss(self.run_deblurrer(blur, prior), sharp, self.cfg)
+        prior = self.sharp_prior(blur, eps)
         if stage == 2:
             with torch.no_grad():
                 target = self.sharp_latent(blur, sharp)
             return prior_loss(prior, target, self.cfg)
-        return deblur_loss(self.restore(blur, prior), sharp, self.cfg)
+        return deblur_loss(self.run_deblurrer(blur, prior), sharp, self.cfg)
 
     def set_stage(self, stage):
-        """Put the model in training mode for a stage; returns the parameters that stage optimises."""
-        parts = {1: ["sharp_encoder", "deblurrer"],
-                 2: ["blur_encoder", "blur_estimator", "noise_estimator"],
-                 3: ["blur_encoder", "blur_estimator", "noise_estimator", "deblurrer"]}
-        if stage not in parts:
+        """The model in training mode for a stage; returns the parameters that stage optimises."""
+        if stage not in STAGE_PARTS:
             raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
-        trained = parts[stage] if self.cfg.prior else ["deblurrer"]
+        trained = STAGE_PARTS[stage] if self.cfg.prior else ("deblurrer",)
         self.train()
         for name, module in self.named_children():
             module.requires_grad_(name in trained)
@@ -653,32 +579,34 @@ class BlurDM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def start_noise(self, n, seed, device):
-        """ε for x_T: one draw from `seed`, shared by the batch, so a batch gives what one image at a time gives."""
+        """ε for x_T: one draw from `seed`, shared by the batch, so that a batch gives what one image
+        at a time gives."""
         eps = torch.randn(self.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
         return eps.expand(n, -1).to(device)
 
     @torch.inference_mode()
     def prior_for(self, blurry, seed=INFERENCE_SEED):
         """
-        The sharp prior Z_0^B for (B, 3, H, W) images in [0, 1] (None for a model without prior). The blur encoder
-        ends in a global average pool, so the prior describes the whole image; over PRIOR_MAX_PIXELS it sees an
-        area-downscaled copy.
+        The sharp prior for (B, 3, H, W) images in [0, 1] at inference (None without a prior). The
+        blur encoder ends in a global average pool, so the prior describes the whole image; over
+        PRIOR_MAX_PIXELS it sees an area-downscaled copy.
         """
         if not self.cfg.prior:
             return None
         H, W = blurry.shape[-2:]
         if H * W > PRIOR_MAX_PIXELS:
             scale = math.sqrt(PRIOR_MAX_PIXELS / (H * W))
-            blurry = F.interpolate(blurry, size=(max(8, int(H * scale)), max(8, int(W * scale))), mode="area")
+            size = (max(8, int(H * scale)), max(8, int(W * scale)))
+            blurry = F.interpolate(blurry, size=size, mode="area")
         x = pad_to_multiple(blurry, 8)
-        return self.blur_prior(x, self.start_noise(x.shape[0], seed, x.device))
+        return self.sharp_prior(x, self.start_noise(x.shape[0], seed, x.device))
 
     @torch.inference_mode()
     def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
         """
-        Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and W, on any device
-        -> the sharp estimate, same shape and device, floats in [0, 1]. All T steps run; `seed` fixes ε (official:
-        2023); `prior` may be passed in instead.
+        Inference on whole images: (B, 3, H, W) or (3, H, W), floats in [0, 1] or uint8, any H and
+        W, on any device -> the sharp estimate, of the same shape and device, floats in [0, 1]. All
+        T steps run; `seed` fixes ε (official: 2023); a `prior` may be passed in instead.
         """
         x = image_batch(blurry, next(self.parameters()))
         with eval_mode(self):
@@ -686,15 +614,16 @@ class BlurDM(nn.Module):
         return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
 
     def deblur_whole(self, blurry, prior):
-        """The deblurrer on (B, 3, H, W) in [0, 1], padded to a multiple of 8 (reflect) and cropped back."""
-        H, W = blurry.shape[-2:]
-        x = pad_to_multiple(blurry, 8).contiguous(memory_format=memory_format(blurry.device))
-        return self.restore(x, prior)[-1][..., :H, :W].clamp(0, 1).contiguous()
+        """The deblurrer on (B, 3, H, W) in [0, 1] of any size, with the given prior."""
+        layout = memory_format(blurry.device)
+        run = lambda x: self.run_deblurrer(x.contiguous(memory_format=layout), prior)[-1]
+        return run_padded(run, blurry).clamp(0, 1).contiguous()
 
 
 @contextmanager
 def eval_mode(model):
-    """The model in eval mode for a while; each module's own mode is restored after (SE stays frozen in stage 2)."""
+    """The model in eval mode for a while; each module's own mode comes back after (SE stays frozen
+    in stage 2)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -705,14 +634,15 @@ def eval_mode(model):
 
 
 def image_batch(images, like):
-    """What deblur accepts -> (B, 3, H, W) in [0, 1] with the dtype and device of the tensor `like`; one-line
-    ValueErrors for anything else."""
+    """What deblur accepts -> (B, 3, H, W) in [0, 1] with the dtype and device of the tensor `like`;
+    a one-line ValueError for anything else."""
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"deblur expects a torch tensor (B, 3, H, W) in [0, 1], not a {type(images).__name__}; "
-                         "for images of different sizes, call it once per image")
+        raise ValueError(f"deblur expects a torch tensor (B, 3, H, W) in [0, 1], not a "
+                         f"{type(images).__name__}; for images of different sizes, call it per image")
     x = images[None] if images.dim() == 3 else images
     if x.dim() != 4 or x.shape[1] != 3 or x.numel() == 0:
-        raise ValueError(f"deblur expects RGB images (B, 3, H, W) or (3, H, W), not shape {tuple(images.shape)}")
+        raise ValueError(f"deblur expects RGB images (B, 3, H, W) or (3, H, W), not shape "
+                         f"{tuple(images.shape)}")
     if x.dtype == torch.uint8:
         x = x / 255
     elif not x.is_floating_point():
@@ -721,75 +651,129 @@ def image_batch(images, like):
         raise ValueError("deblur: the image holds NaN or infinite values")
     low, high = x.min().item(), x.max().item()
     if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"deblur expects floats in [0, 1] (or uint8), got values in [{low:g}, {high:g}]")
+        raise ValueError(f"deblur expects floats in [0, 1] (or uint8), got values in "
+                         f"[{low:g}, {high:g}]")
     return x.clamp(0, 1).to(like)
 
 
 def memory_format(device):
-    """The one layout decision: channels_last on the CPU (faster through the convolutions), the default elsewhere."""
+    """The one layout decision: channels_last on the CPU (faster convolutions), else the default."""
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
-def pad_to_multiple(x, multiple):
-    """Pad the bottom and right of (B, C, H, W) to a multiple: reflect, or replicate where the image is too small."""
+def edge_pad(x, pad):
+    """F.pad of (..., H, W) by pad = (left, right, top, bottom): the border reflected, or replicated
+    where the image is too small to reflect."""
     H, W = x.shape[-2:]
-    ph, pw = -H % multiple, -W % multiple
-    if ph == 0 and pw == 0:
-        return x
-    mode = "reflect" if ph < H and pw < W else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
+    mode = "reflect" if max(pad[:2]) < W and max(pad[2:]) < H else "replicate"
+    return F.pad(x, pad, mode=mode)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def pad_to_multiple(x, multiple):
+    """Pad (B, C, H, W) at the bottom and right to multiples of `multiple` (edge_pad). Written without
+    a branch on the size (a pad of `multiple`, then a crop), so that torch.export keeps H, W symbolic."""
+    H, W = x.shape[-2:]
+    up = lambda n: multiple * ((n + multiple - 1) // multiple)
+    return edge_pad(x, (0, multiple, 0, multiple))[..., :up(H), :up(W)]
+
+
+def run_padded(fn, x, multiple=8):
+    """fn on x padded to a multiple (MIMO-UNet needs multiples of 4, the blur encoder too, and 8 keeps
+    tiles on its sampling grid), its output cropped back to x's size (by a negative pad, which
+    torch.export keeps symbolic where a slice would not)."""
+    H, W = x.shape[-2:]
+    out = fn(pad_to_multiple(x, multiple))
+    return F.pad(out, (0, W - out.shape[-1], 0, H - out.shape[-2]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Part II: the tools train.py and sample.py share; everything above this line runs without them
+# ------------------------------------------------------------------------------------------------------
+
+import argparse
+import copy
+import errno
+import fnmatch
+import functools
+import numbers
+import os
+import pickle
+import re
+import shutil
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+# ------------------------------------------------------------------------------------------------------
 # 7. Large images in tiles, all modulated by one prior computed on the whole image
 
 
 @torch.inference_mode()
 def deblur_tiled(model, blurry, tile=None, overlap=64, seed=INFERENCE_SEED):
     """
-    deblur() for images larger than `tile` px: overlapping tiles blended with normalised weights, each modulated by
-    the prior of the whole image (as the untiled run is). Tiles are as few as `tile` allows, all one size,
-    neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that the network's 1/2 and 1/4 sampling
-    grids fall where they fall in the untiled run. tile=None: 1536 px on a CPU, on a GPU the largest square whose
-    activations fit in half its free memory; 0: never tile. Takes and returns what deblur() does.
+    deblur() for images larger than `tile` px: overlapping tiles blended with normalised weights, each
+    modulated by the prior of the whole image (as the untiled run is). Tiles are as few as `tile`
+    allows, all one size, neighbours sharing >= `overlap` pixels, every start a multiple of 8 so that
+    the network's 1/2 and 1/4 sampling grids fall where they fall in the untiled run. tile=None: 1536 px
+    on a CPU, on a GPU the largest square whose activations fit in half its free memory; 0: never tile.
+    Takes and returns what deblur() does.
     """
-    check_tiling(tile, overlap)
+    problem = tiling_problem(tile, overlap)
+    if problem:
+        raise ValueError(f"deblur_tiled(tile={tile!r}, overlap={overlap!r}): {problem}")
     x = image_batch(blurry, next(model.parameters()))
-    if tile is None and x.device.type == "cuda":  # the largest square whose activations fit in half the free memory
+    if tile is None and x.device.type == "cuda":
         free = torch.cuda.mem_get_info(x.device)[0]
-        tile = max(64, 2 * overlap, 8 * int((free / 2 / (ACTIVATION_FLOATS * 4 * model.cfg.width)) ** 0.5 / 8))
-    tile = 1536 if tile is None else tile
+        side = (free / 2 / (ACTIVATION_FLOATS * 4 * model.cfg.width)) ** 0.5
+        tile = max(64, 2 * overlap, 8 * int(side / 8))
+    tile = 1536 if tile is None else int(tile)
     with eval_mode(model):
         prior = model.prior_for(x, seed)
-        out = tiled(model, x, prior, 8 * (tile // 8), 8 * math.ceil(overlap / 8)) \
-            if tile and max(x.shape[-2:]) > tile else model.deblur_whole(x, prior)
+        if tile and max(x.shape[-2:]) > tile:
+            out = deblur_in_tiles(model, x, prior, 8 * (tile // 8), 8 * math.ceil(overlap / 8))
+        else:
+            out = model.deblur_whole(x, prior)
     return (out if blurry.dim() == 4 else out[0]).to(blurry.device)
 
 
-def tiled(model, x, prior, tile, overlap):
-    """deblur_whole on overlapping tiles of (B, 3, H, W) in [0, 1], tile and overlap multiples of 8."""
-    H, W = x.shape[-2:]
-    x = pad_to_multiple(x, 8)  # as deblur_whole pads the untiled image
-    (ys, th), (xs, tw) = tile_starts(x.shape[-2], tile, overlap), tile_starts(x.shape[-1], tile, overlap)
-    out, weight = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-    for top in ys:
-        for left in xs:
-            w = blend_ramp(th, overlap, top > 0, top + th < x.shape[-2], x.device)[:, None] * \
-                blend_ramp(tw, overlap, left > 0, left + tw < x.shape[-1], x.device)  # (th, tw)
-            window = (..., slice(top, top + th), slice(left, left + tw))
-            out[window] += model.deblur_whole(x[window], prior) * w
-            weight[window] += w
-    return (out / weight)[..., :H, :W]
+ACTIVATION_FLOATS = 64  # a bound on the numbers MIMO-UNet keeps per pixel and channel of width
 
 
-ACTIVATION_FLOATS = 64  # a bound on the numbers MIMO-UNet keeps alive per pixel and channel of width, for --tile
+def tiling_problem(tile, overlap):
+    """What is wrong with a tile size and overlap in px, in words that name neither parameter (the
+    caller does), or None. tile None or 0: no tiling."""
+    whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not whole(overlap) or overlap < 0:
+        return "the overlap must be a whole number of pixels, 0 or more"
+    if tile is None or (whole(tile) and tile == 0):
+        return None
+    least = max(64, 2 * overlap)
+    if not whole(tile) or tile < least:
+        return f"a tile must be a whole number of at least {least} px (64, and twice the overlap)"
+    return None
 
 
-def check_tiling(tile, overlap):
-    if not (isinstance(overlap, int) and overlap >= 0 and (tile in (None, 0) or isinstance(tile, int)
-                                                         and tile >= max(64, 2 * overlap))):
-        raise ValueError(f"--tile must be at least 64 px and twice --overlap, which cannot be negative (got tile "
-                         f"{tile}, overlap {overlap})")
+def deblur_in_tiles(model, x, prior, tile, overlap):
+    """deblur_whole on overlapping tiles of (B, 3, H, W) in [0, 1], tile and overlap multiples of 8,
+    the image padded as deblur_whole pads it."""
+    def blend(x):
+        H, W = x.shape[-2:]
+        (ys, th), (xs, tw) = tile_starts(H, tile, overlap), tile_starts(W, tile, overlap)
+        out, weight = torch.zeros_like(x), torch.zeros_like(x[:, :1])
+        for top in ys:
+            ramp_y = blend_ramp(th, overlap, top > 0, top + th < H, x.device)
+            for left in xs:
+                ramp_x = blend_ramp(tw, overlap, left > 0, left + tw < W, x.device)
+                w = ramp_y[:, None] * ramp_x  # (th, tw)
+                window = (..., slice(top, top + th), slice(left, left + tw))
+                out[window] += model.deblur_whole(x[window], prior) * w
+                weight[window] += w
+        return out / weight
+
+    return run_padded(blend, x)
 
 
 def tile_starts(length, tile, overlap):
@@ -799,7 +783,6 @@ def tile_starts(length, tile, overlap):
     n = math.ceil((length - overlap) / (tile - overlap))
     size = 8 * math.ceil((length + (n - 1) * overlap) / n / 8)
     return [min(i * (size - overlap), length - size) for i in range(n)], size
-
 
 def blend_ramp(size, overlap, rise, fall, device):
     """
@@ -816,9 +799,7 @@ def blend_ramp(size, overlap, rise, fall, device):
         w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
     return w
 
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
 # 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
 
 
@@ -826,21 +807,17 @@ def to_uint8(x):
     """[0, 1] float -> uint8, rounded: what a saved PNG holds and what the paper's metrics see."""
     return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
 
-
 def psnr(x, y):
     """PSNR in dB between two uint8 RGB images (C, H, W), peak 255; inf when identical."""
     mse = (x.double() - y.double()).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
-
 SSIM_RECIPE = "3-D SSIM (11x11x11 Gaussian, sigma 1.5, replicate padding; NAFNet ssim3d / MATLAB-equivalent)"
-
 
 def gaussian_window(size=11, sigma=1.5):
     r = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-r ** 2 / (2 * sigma ** 2))
     return g / g.sum()
-
 
 def ssim(x, y):
     """
@@ -865,7 +842,6 @@ def ssim(x, y):
     ssim_map = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
     return ssim_map.mean().item()
 
-
 @torch.inference_mode()
 def evaluate(model, images, device, stage=3, tile=2048):
     """(PSNR, SSIM) of the model's output for each (name, blur, sharp) of uint8 (3, H, W) images, as the paper's
@@ -880,9 +856,8 @@ def evaluate(model, images, device, stage=3, tile=2048):
         out = to_uint8(out[0])
         yield psnr(out, sharp_u8.to(device)), ssim(out, sharp_u8.to(device))
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Checkpoints: this project's format; MIMO-UNet's and the official BlurDM code's files converted on load; export
+# ------------------------------------------------------------------------------------------------------
+# 9. Checkpoints: this project's format; MIMO-UNet's and the official code's files converted; export
 
 
 class CheckpointError(ValueError):
@@ -890,40 +865,48 @@ class CheckpointError(ValueError):
 
 
 # a config read from a file is checked before anything is built from it
-LIMITS = dict(width=(4, 1024), num_res=(1, 100), dropout=(0.0, 0.99), input_offset=(0.0, 0.5), latent_dim=(1, 4096),
-              encoder_width=(1, 1024), encoder_blocks=(0, 100), estimator_layers=(1, 100), T=(1, 1000),
-              alpha_start=(0.0, 1e6), alpha_end=(0.0, 1e6), beta_start=(0.0, 10.0), beta_end=(0.0, 10.0),
-              fft_weight=(0.0, 1e3), charbonnier_eps=(1e-12, 1.0))
-CHOICES = dict(beta_bar_rule=("paper", "official"), prior_loss=("l1", "charbonnier"))
-RECIPE_FIELDS = ("crop", "batch_size", "lr", "lr_min", "stage_epochs", "seed")  # older files kept them: ignored
+CONFIG_LIMITS = dict(
+    width=(4, 1024), num_res=(1, 100), dropout=(0.0, 0.99), input_offset=(0.0, 0.5),
+    latent_dim=(1, 4096), encoder_width=(1, 1024), encoder_blocks=(0, 100), estimator_layers=(1, 100),
+    T=(1, 1000), alpha_start=(0.0, 1e6), alpha_end=(0.0, 1e6), beta_start=(0.0, 10.0),
+    beta_end=(0.0, 10.0), fft_weight=(0.0, 1e3), charbonnier_eps=(1e-12, 1.0))
+CONFIG_CHOICES = dict(beta_bar_rule=("paper", "official"), prior_distance=("l1", "charbonnier"))
+CONFIG_RENAMED = {"prior_loss": "prior_distance"}  # names older files use
+RECIPE_FIELDS = ("crop", "batch_size", "lr", "lr_min", "stage_epochs", "seed")  # older files: ignored
 
 
 def check_config(stored):
-    """A config dict read from a file -> BlurDMConfig; ValueError naming the first field that is unknown or bad."""
+    """A config dict read from a file -> BlurDMConfig; ValueError naming the first field that is
+    unknown or bad."""
     known = {f.name: type(f.default) for f in fields(BlurDMConfig)}
-    stored = {k: v for k, v in stored.items() if k not in RECIPE_FIELDS}
-    unknown = sorted(set(stored) - set(known))
+    stored = {CONFIG_RENAMED.get(k, k): v for k, v in stored.items() if k not in RECIPE_FIELDS}
+    unknown = sorted(set(stored) - set(known), key=str)
     if unknown:
-        raise ValueError(f"unknown config fields {', '.join(unknown)}")
+        raise ValueError(f"unknown config fields {', '.join(map(str, unknown))}")
     for name, value in stored.items():
         kind = known[name]
-        if not (type(value) is kind or (kind is float and type(value) is int)) or \
-                (kind is float and not math.isfinite(value)):
-            raise ValueError(f"config field {name} must be {'a finite float' if kind is float else kind.__name__}, "
+        if kind is float:
+            if type(value) not in (float, int) or not math.isfinite(value):
+                raise ValueError(f"config field {name} must be a finite float, not {value!r}")
+        elif type(value) is not kind:
+            raise ValueError(f"config field {name} must be {kind.__name__}, not {value!r}")
+        low, high = CONFIG_LIMITS.get(name, (value, value))
+        if not low <= value <= high:
+            raise ValueError(f"config field {name} must be in [{low}, {high}], not {value!r}")
+        if name in CONFIG_CHOICES and value not in CONFIG_CHOICES[name]:
+            raise ValueError(f"config field {name} must be one of {', '.join(CONFIG_CHOICES[name])}, "
                              f"not {value!r}")
-        if name in LIMITS and not LIMITS[name][0] <= value <= LIMITS[name][1]:
-            raise ValueError(f"config field {name} must be in [{LIMITS[name][0]}, {LIMITS[name][1]}], not {value!r}")
-        if name in CHOICES and value not in CHOICES[name]:
-            raise ValueError(f"config field {name} must be one of {', '.join(CHOICES[name])}, not {value!r}")
     cfg = BlurDMConfig(**stored)
     if not 0 < cfg.alpha_start < cfg.alpha_end:
-        raise ValueError("the exposure schedule needs 0 < alpha_start < alpha_end (the reverse step divides by α)")
+        raise ValueError("the exposure schedule needs 0 < alpha_start < alpha_end (the reverse step "
+                         "divides by α)")
     return cfg
 
 
 def save_checkpoint(path, model, **extra):
-    """Write config + weights (+ `extra`: stage, step, optimiser state ...) atomically: a temp file, then a rename.
-    A custom deblurrer's class name is stored, so that loading can say which module the file needs."""
+    """Write config + weights (+ `extra`: stage, step, optimiser state ...) atomically: a temp file,
+    then a rename. A custom deblurrer's class name is stored, so that loading can say which module the
+    file needs."""
     name = type(model.deblurrer).__name__
     checkpoint = {"format": "blurdm", "config": asdict(model.cfg), "model": model.state_dict(),
                   **({"deblurrer": name} if name != "MIMOUNet" else {}), **extra}
@@ -933,18 +916,18 @@ def save_checkpoint(path, model, **extra):
     try:
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as "file write failed"
-        full = getattr(err, "errno", None) == errno.ENOSPC or ("write failed" in str(err) and
-                                                              shutil.disk_usage(path.parent).free < 2 ** 26)
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk in its words
+        full = getattr(err, "errno", None) == errno.ENOSPC or (
+            isinstance(err, RuntimeError) and shutil.disk_usage(path.parent).free < 2 ** 26)
         if full:
-            raise OSError(f"{path.parent}: the disk is full; {path.name} was not written (an earlier one is intact)") \
-                from None
-        raise OSError(f"{path}: cannot write ({(str(err).strip().splitlines() or [type(err).__name__])[-1]})") from None
+            raise OSError(f"{path.parent}: the disk is full; {path.name} was not written (an earlier one "
+                          "is intact)") from None
+        raise OSError(f"{path}: cannot write ({error_line(err)})") from None
 
 
 def safe_load(path, *, allowed=()):
-    """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may rebuild), and a
-    one-line error for anything else."""
+    """torch.load with weights_only=True (a checkpoint can never run code; `allowed`: classes it may
+    rebuild, where this torch can allow them), and a one-line error for anything else."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file")
@@ -954,41 +937,61 @@ def safe_load(path, *, allowed=()):
         magic = f.read(4)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)")
+    allow = nullcontext()
+    if allowed and hasattr(torch.serialization, "safe_globals"):  # torch 2.5 and newer
+        allow = torch.serialization.safe_globals(list(allowed))
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # garbage bytes surface as any of a dozen exception types
-        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class or function to import
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class to import
+            named = next((c for c in allowed if f"{c.__module__}.{c.__name__}" in str(err)), None)
+            if named:
+                raise CheckpointError(f"{path}: holds a pickled {named.__module__}.{named.__name__}, "
+                                      f"which torch {torch.__version__} cannot load safely (torch >= "
+                                      "2.5 can)") from None
             raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
                                   "(only weights_only checkpoints are loaded)") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
 
 
+def check_tensors(path, state):
+    """Every entry of a state dict must be a real tensor with its data, named by a string (the values'
+    size is not read: shapes are compared before check_weights looks at any number)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its weights are a {type(state).__name__}, not a dict of tensors")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: a weight named {name!r}; names are strings")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: weight {name} is a {type(value).__name__}, not a tensor")
+        if value.is_meta:
+            raise CheckpointError(f"{path}: weight {name} holds no data (a meta tensor)")
+        if value.is_complex():
+            raise CheckpointError(f"{path}: weight {name} is complex ({value.dtype}); weights are real")
+        stored = value.untyped_storage().nbytes()
+        if value.numel() and stored < value.numel() * value.element_size():
+            raise CheckpointError(f"{path}: weight {name} declares {tuple(value.shape)} but stores "
+                                  f"{stored} bytes (an expanded tensor); save it with .contiguous()")
+
+
 def read_checkpoint(path):
     """
-    A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the file's dict). This
-    project's files are read as they are; MIMO-UNet's and the official BlurDM code's are converted (see below).
-    Every weight must be a finite tensor.
+    A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the file's
+    dict). This project's files are read as they are; MIMO-UNet's and the official BlurDM code's are
+    converted (convert_foreign). Every weight is checked to be a tensor (check_tensors).
     """
-    checkpoint = safe_load(path, allowed=[argparse.Namespace])  # the official files pickle their settings as one
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm":
-        if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
-            raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
-        try:
-            cfg = check_config(checkpoint["config"])
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
-        state = checkpoint["model"]
-    else:
-        cfg, state = convert_foreign(path, checkpoint)
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor) or (value.is_floating_point() and not torch.isfinite(value).all()):
-            raise CheckpointError(f"{path}: weight {name} is " + ("not finite" if isinstance(value, torch.Tensor)
-                                                                 else "not a tensor"))
-    return cfg, state, checkpoint
-
-
-PRIOR_PARTS = ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.", "deblurrer.prior_fusion.")
+    checkpoint = safe_load(path, allowed=[argparse.Namespace])  # the official files pickle their args
+    if not (isinstance(checkpoint, dict) and checkpoint.get("format") == "blurdm"):
+        return (*convert_foreign(path, checkpoint), checkpoint)
+    if not isinstance(checkpoint.get("model"), dict) or not isinstance(checkpoint.get("config"), dict):
+        raise CheckpointError(f"{path}: not a BlurDM checkpoint (no config and weights)")
+    try:
+        cfg = check_config(checkpoint["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
+    check_tensors(path, checkpoint["model"])
+    return cfg, checkpoint["model"], checkpoint
 
 
 def load_weights(model, state, path, optional=()):
@@ -998,9 +1001,9 @@ def load_weights(model, state, path, optional=()):
 
 
 def check_weights(model, state, path, optional=()):
-    """Every stored key must have a place of its shape in `model`, and every weight of the model must be stored but
-    those whose names start with one of `optional` (they keep their initial values); CheckpointError naming the
-    first key that breaks this."""
+    """Every stored key must have a place of its shape in `model`, every weight of the model must be
+    stored but those whose names start with one of `optional` (they keep their initial values), and
+    then every stored number must be finite; CheckpointError naming the first key that breaks this."""
     own = model.state_dict()
     for name, value in state.items():
         if name not in own:
@@ -1010,7 +1013,11 @@ def check_weights(model, state, path, optional=()):
                                   f"{tuple(own[name].shape)} in the model")
     missing = [name for name in own if name not in state and not name.startswith(tuple(optional))]
     if missing:
-        raise CheckpointError(f"{path}: weight {missing[0]} {tuple(own[missing[0]].shape)} is missing from the file")
+        raise CheckpointError(f"{path}: weight {missing[0]} {tuple(own[missing[0]].shape)} is missing "
+                              "from the file")
+    for name, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: weight {name} is not finite")
 
 
 def mimo_unet_names(num_res):
@@ -1031,7 +1038,6 @@ def mimo_unet_names(num_res):
                             f"{theirs}.{i}.layers.{j}.main.1": f"{ours}.{i}.{j}.body.1"}
     names = {f"{a}.main.0.{p}": f"deblurrer.{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
     return names | {f"Decoder.{i}.kv.weight": f"deblurrer.prior_fusion.{i}.to_scale_shift.weight" for i in range(3)}
-
 
 def official_prior_names(cfg):
     """{name in the official BlurDM code's diffusion (model_dm_state) and sharp encoder (model_le_state): ours}.
@@ -1054,49 +1060,55 @@ def official_prior_names(cfg):
         names |= {f"{theirs}{a}.{p}": f"{ours}{b}.{p}" for a, b in layers.items() for p in ("weight", "bias")}
     return names
 
-
 def convert_foreign(path, checkpoint):
     """
-    MIMO-UNet's files ({'model': weights}, its model.pkl with optimizer state too) and the official BlurDM code's
-    (last_*.pth with model_state and model_dm_state; or final_deblur_*.pth, whose final_dm_*.pth and final_le_*.pth
-    beside it are read too) -> (config, state dict in our names). MIMO-UNet sees [0, 1] (input_offset 0), BlurDM
-    [-0.5, 0.5]; the BlurDM files were trained with the official β̄ and the Charbonnier prior loss.
+    MIMO-UNet's files ({'model': weights}, its model.pkl with optimizer state too) and the official
+    BlurDM code's (last_*.pth with model_state and model_dm_state; or final_deblur_*.pth, whose
+    final_dm_*.pth and final_le_*.pth beside it are read too) -> (config, state dict in our names).
+    MIMO-UNet sees [0, 1] (input_offset 0), BlurDM [-0.5, 0.5]; the BlurDM files were trained with the
+    official β̄ and the Charbonnier prior loss.
     """
     path, parts = Path(path), {}
-    if isinstance(checkpoint, dict) and {"model_state", "model_dm_state", "model_le_state"} & set(checkpoint):
+    official_keys = {"model_state", "model_dm_state", "model_le_state"}
+    if isinstance(checkpoint, dict) and official_keys & set(checkpoint):
         for key, part, prefix in (("model_state", "deblur", ""), ("model_dm_state", "dm", ""),
                                   ("model_le_state", "le", "le.")):
             sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_", path.name))
-            if key in checkpoint:
-                source = checkpoint
-            elif sibling != path and sibling.is_file():  # final_deblur_X.pth: final_dm_X.pth and final_le_X.pth
-                source = safe_load(sibling, allowed=[argparse.Namespace])
-            else:
-                source = {}
-            weights = source.get(key, {}) if isinstance(source, dict) else {}
-            parts |= {prefix + k.removeprefix("module."): v for k, v in weights.items()}
-    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("model", checkpoint), dict):  # MIMO-UNet's
-        parts = {str(k).removeprefix("module."): v for k, v in checkpoint.get("model", checkpoint).items()}
+            source, where = checkpoint, path
+            if key not in checkpoint and sibling != path and sibling.is_file():  # final_deblur_X.pth
+                source, where = safe_load(sibling, allowed=[argparse.Namespace]), sibling
+            if not isinstance(source, dict) or key not in source:
+                continue
+            parts |= foreign_weights(where, source[key], prefix, key)
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("model", checkpoint), dict):
+        parts = foreign_weights(path, checkpoint.get("model", checkpoint), "", "model")
     width = parts.get("feat_extract.0.main.0.weight")
     if not isinstance(width, torch.Tensor) and "lcr_model.resmlp.0.weight" in parts:
-        raise CheckpointError(f"{path}: the official blur diffusion (model_dm_state) without a deblurrer: pass the "
-                              "final_deblur_*.pth it was trained with (final_dm_*.pth beside it is read too)")
+        raise CheckpointError(f"{path}: the official blur diffusion (model_dm_state) without a "
+                              "deblurrer: pass the final_deblur_*.pth it was trained with (final_dm_*.pth "
+                              "beside it is read too)")
     if not isinstance(width, torch.Tensor):
-        raise CheckpointError(f"{path}: not a checkpoint of a known kind (this project's, MIMO-UNet's or the "
-                              "official BlurDM code's)")
-    num_res = sum(k.startswith("Encoder.0.layers.") and k.endswith(".main.0.main.0.weight") for k in parts)
+        raise CheckpointError(f"{path}: not a checkpoint of a known kind (this project's, MIMO-UNet's or "
+                              "the official BlurDM code's)")
+    check_tensors(path, parts)
+    if width.dim() != 4:
+        raise CheckpointError(f"{path}: weight feat_extract.0.main.0.weight is {tuple(width.shape)}, "
+                              "not a convolution's (out, 3, 3, 3)")
+    num_res = sum(k.startswith("Encoder.0.layers.") and k.endswith(".main.0.main.0.weight")
+                  for k in parts)
     blurdm_file = "Decoder.0.kv.weight" in parts
     cfg = BlurDMConfig(width=width.shape[0], num_res=num_res, dropout=0.1 if num_res == 20 else 0.0)
     if blurdm_file:
         latent_dim = parts["Decoder.0.kv.weight"].shape[-1]
-        cfg = replace(cfg, beta_bar_rule="official", prior_loss="charbonnier", latent_dim=latent_dim)
+        cfg = replace(cfg, beta_bar_rule="official", prior_distance="charbonnier", latent_dim=latent_dim)
         diffusion = BlurDiffusion(cfg)
         for name, ours in (("alphas", diffusion.alpha), ("betas_bar", diffusion.beta_bar[1:])):
             stored = parts.pop(name, ours)
-            if not isinstance(stored, torch.Tensor) or stored.shape != ours.shape or \
-                    not torch.allclose(stored.float(), ours, atol=1e-5):
-                found = [round(v, 6) for v in stored.tolist()] if isinstance(stored, torch.Tensor) else stored
-                raise CheckpointError(f"{path}: schedule {name} {found} is not the official one this loader maps "
+            same = stored.shape == ours.shape and stored.is_floating_point() and torch.allclose(
+                stored.float(), ours.to(stored.dtype).float(), atol=1e-5)  # at the stored precision
+            if not same:
+                raise CheckpointError(f"{path}: schedule {name} {[round(v, 6) for v in stored.tolist()]} "
+                                      f"is not the official one this loader maps "
                                       f"({[round(v, 6) for v in ours.tolist()]})")
         parts.pop("time_stamps_list", None)
     else:
@@ -1108,22 +1120,38 @@ def convert_foreign(path, checkpoint):
     names = mimo_unet_names(num_res) | (official_prior_names(cfg) if blurdm_file else {})
     unknown = next((k for k in parts if k not in names), None)
     if unknown:
-        raise CheckpointError(f"{path}: weight {unknown} is not one of the {'BlurDM' if blurdm_file else 'MIMO-UNet'} "
-                              "code's")
+        code = "BlurDM" if blurdm_file else "MIMO-UNet"
+        raise CheckpointError(f"{path}: weight {unknown} is not one of the {code} code's")
     with torch.device("meta"):
         own = BlurDM(cfg).state_dict()
-    for theirs, value in parts.items():
-        if not isinstance(value, torch.Tensor) or own.get(names[theirs], value).shape != value.shape:
-            raise CheckpointError(f"{path}: weight {theirs} is {getattr(value, 'shape', type(value).__name__)}, not "
+    for theirs, value in parts.items():  # shapes compared in the file's names, before any number is read
+        if own[names[theirs]].shape != value.shape:
+            raise CheckpointError(f"{path}: weight {theirs} is {value.shape}, not "
                                   f"{tuple(own[names[theirs]].shape)}")
     return cfg, {names[k]: v for k, v in parts.items()}
 
 
+def foreign_weights(path, weights, prefix, key):
+    """A foreign state dict with DataParallel's "module." dropped and `prefix` added; CheckpointError
+    where a name is not a string, or is there both with and without "module."."""
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its {key} is a {type(weights).__name__}, not a dict of weights")
+    names = {}
+    for name, value in weights.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: a weight named {name!r}; names are strings")
+        short = name.removeprefix("module.")
+        if prefix + short in names:
+            raise CheckpointError(f"{path}: weight {short} is there twice, with and without 'module.'")
+        names[prefix + short] = value
+    return names
+
+
 def load_model(path, *, deblurrer=None):
     """
-    Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode, on the CPU.
-    The config is checked against the stored shapes on a model without memory ("meta") before the real one is built.
-    A file saved with a custom deblurrer needs that module passed as `deblurrer`.
+    Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval mode,
+    on the CPU. The stored shapes are checked on a model without memory ("meta") before the real one is
+    built. A file saved with a custom deblurrer needs that module passed as `deblurrer`.
     """
     cfg, state, checkpoint = read_checkpoint(path)
     needs = checkpoint.get("deblurrer") if isinstance(checkpoint, dict) else None
@@ -1131,26 +1159,26 @@ def load_model(path, *, deblurrer=None):
         raise CheckpointError(f"{path}: saved with the custom deblurrer {needs}; pass that module "
                               "(load_model(path, deblurrer=...))")
     if cfg.prior and checkpoint.get("stage") == 1:
-        raise CheckpointError(f"{path}: a stage-1 checkpoint, its blur diffusion untrained; deblur with one of stage 2 "
-                              "or 3 (train.py --init starts stage 2 from it)")
+        raise CheckpointError(f"{path}: a stage-1 checkpoint, its blur diffusion untrained; deblur with "
+                              "one of stage 2 or 3 (training's stage 2 starts from this one)")
     if cfg.prior and not any(k.startswith("blur_estimator.") for k in state):
-        raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the official code keeps "
-                              "them in final_dm_*.pth or a stage-3 last_*.pth); train.py --init starts stage 2 from it")
-    optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # the official SE: training only
+        raise CheckpointError(f"{path}: a stage-1 file, without the blur diffusion's weights (the "
+                              "official code keeps them in final_dm_*.pth or a stage-3 last_*.pth); "
+                              "training's stage 2 starts from it")
+    optional = () if checkpoint.get("format") == "blurdm" else ("sharp_encoder.",)  # SE: training only
     with torch.device("meta"):
-        check_weights(BlurDM(cfg, None if deblurrer is None else copy.deepcopy(deblurrer).to("meta")), state, path,
-                      optional)
+        meta_deblurrer = None if deblurrer is None else copy.deepcopy(deblurrer).to("meta")
+        check_weights(BlurDM(cfg, meta_deblurrer), state, path, optional)
     model = BlurDM(cfg, deblurrer)
-    load_weights(model, state, path, optional)
+    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
 class InferenceProgram(nn.Module):
     """
-    deblur() as one traceable module for torch.export: (B, 3, H, W) in [0, 1], H and W >= 9 -> the sharp estimate;
-    the start noise ε of `seed` is a constant of the program. Written so that export keeps B, H and W symbolic: the
-    pad is an 8-pixel reflection cropped to the multiple of 8 (the numbers of pad_to_multiple), the crop back a
-    negative pad. Unlike prior_for, it computes the prior at full size over PRIOR_MAX_PIXELS too.
+    deblur() as one traceable module for torch.export: (B, 3, H, W) in [0, 1], H and W >= 9 -> the
+    sharp estimate; the start noise ε of `seed` is a constant of the program. Unlike prior_for, it
+    computes the prior at full size over PRIOR_MAX_PIXELS too.
     """
 
     def __init__(self, model, seed=INFERENCE_SEED):
@@ -1159,33 +1187,126 @@ class InferenceProgram(nn.Module):
         self.register_buffer("eps", model.start_noise(1, seed, "cpu")[0])
 
     def forward(self, blurry):
-        H, W = blurry.shape[-2:]
-        x = F.pad(blurry, (0, 8, 0, 8), mode="reflect")[..., :8 * ((H + 7) // 8), :8 * ((W + 7) // 8)]
-        prior = self.model.blur_prior(x, self.eps.expand(x.shape[0], -1)) if self.model.cfg.prior else None
-        out = self.model.restore(x, prior)[-1]
-        return F.pad(out, (0, W - out.shape[-1], 0, H - out.shape[-2])).clamp(0, 1)
+        def run(x):
+            prior = None
+            if self.model.cfg.prior:
+                prior = self.model.sharp_prior(x, self.eps.expand(x.shape[0], -1))
+            return self.model.run_deblurrer(x, prior)[-1]
+
+        return run_padded(run, blurry).clamp(0, 1)
 
 
 def export_program(model, path, seed=INFERENCE_SEED):
-    """Save the whole inference path (blur encoder, reverse chain, deblurrer) as a torch.export program (.pt2), any
-    batch and image size; it runs without this file: torch.export.load(path).module()(images)."""
-    example = torch.rand(2, 3, 70, 91)  # batch 2 and sizes off the multiple of 8: export keeps every size symbolic
+    """Save the whole inference path (blur encoder, reverse chain, deblurrer) as a torch.export program
+    (.pt2), any batch and image size; it runs without this file: torch.export.load(path).module()(x).
+    Needs torch >= 2.6 (torch.export.Dim.AUTO)."""
+    if not hasattr(torch.export, "Dim") or not hasattr(torch.export.Dim, "AUTO"):
+        raise RuntimeError(f"export_program needs torch >= 2.6 (torch.export.Dim.AUTO); this is torch "
+                           f"{torch.__version__}")
+    example = torch.rand(2, 3, 70, 91)  # batch 2 and sizes off the multiple of 8: all stay symbolic
     auto = torch.export.Dim.AUTO
     with torch.no_grad():
-        program = torch.export.export(InferenceProgram(copy.deepcopy(model).float().cpu(), seed), (example,),
-                                      dynamic_shapes={"blurry": {0: auto, 2: auto, 3: auto}})
+        program = torch.export.export(InferenceProgram(copy.deepcopy(model).float().cpu(), seed),
+                                      (example,), dynamic_shapes={"blurry": {0: auto, 2: auto, 3: auto}})
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# 10. Files: images, data sets on disk; device and precision
+# ------------------------------------------------------------------------------------------------------
+# 10. Files: images, and data sets on disk
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # read_image's, in folders too
 WRITE_SUFFIXES = IMAGE_SUFFIXES[:-1]  # write_image's (a GIF would lose colours to its palette)
 NO_ALPHA_SUFFIXES = (".jpg", ".jpeg", ".bmp")  # formats that write_image saves without the alpha channel
+DEBLURRED_TAG = "_deblurred"  # sample.py writes <stem>_deblurred.*: folder scans leave them out
 
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary name beside `path` (same suffix) to write to; renamed over `path` only on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def remove_stale_temps(folder):
+    """Delete the temp files atomic_path left in `folder` when its process was killed (that PID no longer runs)."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = re.fullmatch(r"\..+\.tmp(\d+)(\.\w+)?", tmp.name)
+        if pid and int(pid[1]) != os.getpid():
+            try:
+                os.kill(int(pid[1]), 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a process of another user: alive
+                pass
+
+def read_image(path, extras=False):
+    """
+    Read an image file as float RGB (3, H, W) in [0, 1], EXIF orientation applied; 8- and 16-bit,
+    grayscale, palette, alpha and float grayscale modes are converted (Pillow reads 16-bit RGB files at
+    8 bits; 16-bit grayscale keeps its precision; float images in 0..255 are scaled, negative ones
+    refused). With extras, returns (rgb, {"alpha": (1, H, W) or None, "icc_profile": bytes or None,
+    "grayscale": whether the file has no colour}). Raises ValueError naming the file for anything that
+    is not a readable image.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:
+        limit = Image.MAX_IMAGE_PIXELS * 2
+        raise ValueError(f"{path}: image too large (over Pillow's {limit:,}-pixel bomb limit)") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, SyntaxError, Image.UnidentifiedImageError) as err:
+        with open(path, "rb") as f:
+            tiff = f.read(4) in (b"II*\x00", b"MM\x00*")
+        raise ValueError(f"{path}: " + ("a TIFF variant that Pillow cannot decode (float RGB, for one)" if tiff
+                                        else f"not a readable image ({err})")) from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale
+        gray = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(gray).all():
+            raise ValueError(f"{path}: holds NaN or infinite pixel values")
+        if gray.min() < 0:
+            raise ValueError(f"{path}: pixel values down to {gray.min():g}; images hold 0 or more")
+        scale = 65535.0
+        if img.mode == "F":  # float pixels: in [0, 1], or in 0..255 as Pillow writes 8-bit data
+            scale = 1.0 if gray.max() <= 1 else 255.0
+            if gray.max() > 255:
+                raise ValueError(f"{path}: float pixel values up to {gray.max():g}, neither in [0, 1] "
+                                 "nor in 0..255")
+        gray = torch.from_numpy(gray / scale).float().clamp(0, 1)
+        rgb, alpha = gray.expand(3, *gray.shape).contiguous(), None
+    else:
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
+        rgb, alpha = tensor[:3], (tensor[3:] if has_alpha else None)
+    if not extras:
+        return rgb
+    grayscale = img.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+    return rgb, {"alpha": alpha, "icc_profile": img.info.get("icc_profile"), "grayscale": grayscale}
+
+def write_image(image, path, alpha=None, icc_profile=None):
+    """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], an optional alpha (1, H, W) and colour profile, as an
+    8-bit image; the format follows the suffix (JPEG and BMP have no alpha; JPEG at quality 95)."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if alpha is not None and suffix not in NO_ALPHA_SUFFIXES:
+        image = torch.cat([image, alpha.to(image)], 0)
+    arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
+    options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    if icc_profile and suffix != ".bmp" and icc_profile[16:20] == (b"GRAY" if mode in ("L", "LA") else b"RGB "):
+        options["icc_profile"] = icc_profile  # kept where its colour space (bytes 16-19 of its header) fits
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
 
 def walk(folder, recursive=True, depth=None):
     """
@@ -1204,7 +1325,6 @@ def walk(folder, recursive=True, depth=None):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive and (depth is None or level < depth) else []
         found += [Path(root) / f for f in files if not f.startswith(".")]
     return sorted(found)
-
 
 def glob_files(base, pattern, recursive=False):
     """
@@ -1227,13 +1347,12 @@ def glob_files(base, pattern, recursive=False):
             found.append(path)
     return found
 
-
 def list_images(folder, recursive=True):
     """Image files in `folder` (and its sub-folders), sorted, as walk() finds them."""
     return [p for p in walk(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
 
 
-PARTNER = {"blur": "sharp", "input": "target"}  # GoPro (not blur_gamma), its flat copy, and blur/ + sharp/ folders
+PAIRED_FOLDERS = {"blur": "sharp", "input": "target"}  # GoPro (not blur_gamma), its flat copy, blur/ + sharp/
 
 
 def find_pairs(root):
@@ -1248,12 +1367,17 @@ def find_pairs(root):
     if not (root.is_dir() or (root.suffix == ".txt" and root.is_file())):
         raise ValueError(f"{root}: " + ("not a folder (nor a RealBlur list file)" if root.exists() else
                                         "no such folder"))
+    lists = []  # RealBlur's list files, train and test
     if root.suffix == ".txt":  # one list, and its partner if the name says train or test
-        lists = [root.with_name(re.sub("_(train|test)_", f"_{s}_", root.name)) for s in ("train", "test")] \
-            if re.search("_(train|test)_", root.name) else [root]
-    else:  # RealBlur-J preferred where both kinds are present
-        lists = next(([root / f"RealBlur_{k}_{s}_list.txt" for s in ("train", "test")] for k in "JR"
-                      if any((root / f"RealBlur_{k}_{s}_list.txt").is_file() for s in ("train", "test"))), [])
+        lists = [root]
+        if re.search("_(train|test)_", root.name):
+            lists = [root.with_name(re.sub("_(train|test)_", f"_{s}_", root.name)) for s in ("train", "test")]
+    else:
+        for kind in "JR":  # RealBlur-J preferred where both kinds are present
+            candidates = [root / f"RealBlur_{kind}_{split}_list.txt" for split in ("train", "test")]
+            if any(f.is_file() for f in candidates):
+                lists = candidates
+                break
     for split, list_file in zip(("train", "test"), lists):
         if list_file.is_file():
             try:
@@ -1266,16 +1390,21 @@ def find_pairs(root):
             if absent:
                 problems.append(f"{list_file}: {len(absent)} files it names do not exist ({', '.join(absent[:3])}"
                                 f"{', ...' * (len(absent) > 3)})")
-    images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p for p in list_images(root)}
+    found = [] if lists else list_images(root)
+    outputs = [p for p in found if p.stem.endswith(DEBLURRED_TAG)]
+    if outputs:
+        problems.append(f"{root}: {len(outputs)} images named *{DEBLURRED_TAG}.* (sample.py's outputs) "
+                        f"left out ({outputs[0]}, ...)")
+    images = {p.relative_to(root).with_suffix("").as_posix(): p for p in found if p not in outputs}
     folders = lambda key: key.split("/")[:-1]
     split_of = lambda key: next((f for f in reversed(folders(key)) if f in ("train", "test")), "train")
     gt = {key.rsplit("/", 1)[-1]: p for key, p in images.items() if "GT" in folders(key)}
     used = set()
     for key, path in images.items():
         parts = key.split("/")
-        i = max((i for i, part in enumerate(parts[:-1]) if part in PARTNER), default=None)
+        i = max((i for i, part in enumerate(parts[:-1]) if part in PAIRED_FOLDERS), default=None)
         if i is not None:
-            partner = images.get("/".join([*parts[:i], PARTNER[parts[i]], *parts[i + 1:]]))
+            partner = images.get("/".join([*parts[:i], PAIRED_FOLDERS[parts[i]], *parts[i + 1:]]))
         elif gt and "GT" not in parts and {"train", "test"} & set(folders(key)):
             partner = gt.get(parts[-1])
         else:
@@ -1309,12 +1438,10 @@ def find_pairs(root):
                                         f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     return splits, problems
 
-
 def fingerprint(root, splits):
     """A data set as a resumed run compares it: each file's path below `root`, size and mtime (cheap; names changes)."""
     files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
     return [[os.path.relpath(p, root), s.st_size, s.st_mtime_ns] for p, s in zip(files, map(os.stat, files))]
-
 
 def fingerprint_changes(before, now):
     """What differs between two fingerprints, in one line."""
@@ -1325,8 +1452,116 @@ def fingerprint_changes(before, now):
     more = ", ..." * (len(changed) > 3)
     return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{more})"
 
+# ------------------------------------------------------------------------------------------------------
+# 11. Training samples: sharp photographs blurred as GoPro was made (METHOD.md §7), crops, recipes
 
-# training samples: a random crop (blurred here for photographs), flips and quarter turns, the same for both images
+# the training recipe of each preset: crop, global batch, Adam's lr with a cosine decay to lr_min,
+# epochs per stage (train.py's defaults; bench.py times the same batch and crop)
+PAPER_RECIPE = dict(crop=256, batch_size=20, lr=1e-4, lr_min=1e-6, stage_epochs=(3000, 500, 3000),
+                    seed=2023)
+TRAINING_RECIPES = {
+    "paper": PAPER_RECIPE, "mimo-unet": PAPER_RECIPE,
+    "demo": dict(crop=128, batch_size=8, lr=5e-4, lr_min=1e-5, stage_epochs=(1334, 334, 1000), seed=2023),
+    "tiny": dict(crop=64, batch_size=4, lr=1e-3, lr_min=1e-6, stage_epochs=(2, 1, 2), seed=2023),
+}
+BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, from slight to strong
+
+
+def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120.0, generator=None):
+    """
+    A random camera path over one exposure. Returns (N, 4) float64, one row per sub-frame: shift dx, dy in pixels,
+    rotation in radians, log zoom. The camera moves at constant speed along a heading that turns smoothly (its rate
+    of turn is a random walk, `turn` degrees its typical total), which gives the straight lines, arcs and S-curves of
+    blur kernels in hand-held video. `length` is the path length in pixels; `rotation` (degrees) and `zoom`
+    (relative) are the total change over the exposure, which makes the blur vary across the image.
+    The sharp image is the time centre of the exposure (the middle sub-frame when N is odd: GoPro's convention).
+    Constant speed is what makes that target learnable: the time centre is then the middle of the streak the blurred
+    image shows. Under a speed that varies (a shaky random walk) it is not: a sharp image moved to the streak's
+    centroid scores no better than the blurry input, and a network can only learn to hedge (METHOD.md §7).
+    """
+    n, g = num_subframes, generator
+    f64 = dict(generator=g, dtype=torch.float64)
+    rate = torch.randn((), **f64) + torch.cumsum(torch.randn(n, **f64), 0) / math.sqrt(n)  # rate of turn, smooth
+    heading = 2 * math.pi * torch.rand((), **f64) + torch.cumsum(rate, 0) * math.radians(turn) / n
+    steps = torch.stack([heading.cos(), heading.sin()], 1) * (length / max(n - 1, 1))
+    position = torch.cat([torch.zeros(1, 2, dtype=torch.float64), torch.cumsum(steps[:-1], 0)])
+    ramp = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
+    path = torch.cat([position, (math.radians(rotation) * ramp)[:, None], (math.log1p(zoom) * ramp)[:, None]], 1)
+    return path - (path[(n - 1) // 2] + path[n // 2]) / 2
+
+def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
+                    noise=(0.0, 0.01), window=None):
+    """
+    A blurred copy of a sharp sRGB image (3, H, W) in [0, 1], made as GoPro was made: a random camera path
+    (length drawn from `length` pixels, a random rotation and zoom on half the draws), averaged in linear light,
+    re-gammed, Gaussian sensor noise (std drawn from `noise`) and 8-bit rounding. The sharp target is the input.
+    subframes=None renders one sub-frame per pixel of path (an odd number, so the sharp image is one of them): bilinear
+    sub-frames a pixel apart leave no gaps in the streak, and short paths cost fewer sub-frames than a fixed 41.
+    window=(top, left, h, w) blurs that window of a larger image and returns (blurry, sharp) windows.
+    """
+    region, path, noise = draw_blur(sharp, generator, length, subframes, max_rotation, max_zoom, noise,
+                                    window)
+    blurry = blur_images(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
+    return (blurry, centre(region, noise.shape[-2:])) if window else blurry
+
+def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
+              noise=(0.0, 0.01), window=None):
+    """
+    The random part of synthesize_blur, to render elsewhere (blur_images: on a GPU, a batch at a time). sharp: sRGB
+    (3, H, W), floats in [0, 1] or uint8 -> (region, path, noise). region: the image in [0, 1], or with a window its
+    (h, w) part and a margin around it (half the longest path, the path being centred, plus room for rotation and
+    zoom; reflected where it leaves the image), so that the resampling's reflected border stays outside the window;
+    path (N, 4) (camera_shake); noise: the sensor noise of the image or window, (3, h, w).
+    """
+    if window is not None:
+        top, left, h, w = window
+        m = math.ceil(length[1] / 2) + 8
+        sharp = crop_reflected(sharp, top - m, left - m, h + 2 * m, w + 2 * m)
+    sharp = sharp / 255 if sharp.dtype == torch.uint8 else sharp  # an 8-bit photograph, converted once cropped
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+    varying = torch.rand((), generator=generator).item() < 0.5
+    path_length = uniform(*length)
+    n = subframes or one_subframe_a_pixel(path_length)
+    path = camera_shake(n, path_length, uniform(-max_rotation, max_rotation) * varying,
+                        uniform(-max_zoom, max_zoom) * varying, generator=generator)
+    std = uniform(*noise)
+    noise = std * torch.randn(sharp.shape, generator=generator).to(sharp)  # drawn for the region, in its order
+    return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
+
+def one_subframe_a_pixel(path_length):
+    return 2 * math.ceil(path_length / 2) + 1  # odd: the middle sub-frame is the sharp image
+
+def blur_images(regions, paths, counts, noise):
+    """
+    The training renderer: a batch of blurred images, each along its own camera path. regions
+    (n, 3, H, W) sRGB in [0, 1]; paths (n, N, 4) whose first counts[i] rows are image i's sub-frames
+    -> (n, 3, h, w) sRGB: the mean of those sub-frames in linear light (the exposure integral of
+    render_exposures over the whole path), its centre (h, w) = noise's, plus noise, in 8 bits.
+    """
+    k = torch.arange(paths.shape[1], device=counts.device)
+    weights = (k < counts[:, None]) / counts[:, None]  # (n, N): a shorter path's extra rows weigh 0
+    theta = affine_theta(paths, *regions.shape[-2:])  # (n, N, 2, 3)
+    mean = integrate_light(srgb_to_linear(regions), theta, weights[None].to(regions))[0]
+    blurry = centre(linear_to_srgb(mean), noise.shape[-2:]) + noise
+    return (blurry.clamp(0, 1) * 255).round() / 255
+
+def crop_reflected(image, top, left, h, w):
+    """image[..., top:top + h, left:left + w] for a window that may leave the image: reflected there (replicated
+    where the image is too small to reflect)."""
+    H, W = image.shape[-2:]
+    pad = (max(-left, 0), max(left + w - W, 0), max(-top, 0), max(top + h - H, 0))
+    inside = image[..., max(top, 0):top + h, max(left, 0):left + w]
+    return edge_pad(inside[None], pad)[0] if any(pad) else inside
+
+def centre(image, size):
+    """The central (h, w) part of (..., H, W)."""
+    (H, W), (h, w) = image.shape[-2:], size
+    return image[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
+
+# training samples: a random crop (blurred here for photographs), turned and flipped, both images alike
 
 
 @functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not once a sample
@@ -1341,14 +1576,14 @@ def load_pair(blur_path, sharp_path, min_size=1):
         raise ValueError(f"{name}: {w}x{h} is smaller than the {min_size}px crop")
     return blur, sharp
 
-
 class PairDataset(Dataset):
     """
     Item (stage, step, k): the k-th sample of a step, every random choice seeded by it, whatever process runs it:
     (blur, sharp), each (3, crop, crop) in [0, 1].
     Sample k of `reuse` steps in a row is one crop, rendered once (blurring photographs is a large part of a small
     model's step on a CPU) and turned or flipped its own way each time. With blur_on_device, a photograph's item is
-    what render_batch needs to blur a whole batch where the model trains (a GPU, which a CPU cannot keep fed).
+    what blur_batch_on_device needs to blur a whole batch where the model trains (a GPU, which a CPU cannot
+    keep fed).
     """
 
     def __init__(self, pairs, crop, blur_length, seed, reuse=1, blur_on_device=False):
@@ -1360,15 +1595,16 @@ class PairDataset(Dataset):
     def __getitem__(self, item):
         key = (item[0], item[1] // self.reuse, item[2])  # (stage, group of steps, k)
         if key not in self.rendered:  # kept while its steps last
-            self.rendered = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]} | {key: self.render(*key)}
+            kept = {j: v for j, v in self.rendered.items() if j[:2] == key[:2]}
+            self.rendered = kept | {key: self.draw_sample(*key)}
         g = torch.Generator().manual_seed(mix_seed(self.seed, *item, 1))
         flip, turns = torch.rand((), generator=g).item() < 0.5, torch.randint(4, (), generator=g).item()
-        if isinstance(self.rendered[key], tuple):  # a photograph's (region, path, sub-frames, noise): render_batch
+        if isinstance(self.rendered[key], tuple):  # (region, path, sub-frames, noise): blur_batch_on_device
             return *self.rendered[key], flip, turns
         pair = torch.rot90(self.rendered[key].flip(-1) if flip else self.rendered[key], turns, (-2, -1))
         return pair[0].contiguous(), pair[1].contiguous()  # one of the square's 8 symmetries
 
-    def render(self, stage, group, k):
+    def draw_sample(self, stage, group, k):
         g, c = torch.Generator().manual_seed(mix_seed(self.seed, stage, group, k)), self.crop
         index = torch.randint(len(self.pairs), (), generator=g).item()
         for attempt in range(len(self.pairs)):  # a pair that cannot be used: a warning (once a process), the next
@@ -1382,25 +1618,24 @@ class PairDataset(Dataset):
         else:
             raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
         top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
-        if blur is None:  # a photograph: blurred here or by render_batch (subframes None: one a pixel of camera path)
-            region, path, noise = blur_draws(sharp, g, self.blur_length, None, window=(top, left, c, c))
+        if blur is None:  # a photograph, blurred here or by blur_batch_on_device (a sub-frame a pixel of path)
+            region, path, noise = draw_blur(sharp, g, self.blur_length, None, window=(top, left, c, c))
             if self.blur_on_device:
                 return region, F.pad(path, (0, 0, 0, self.subframes - len(path))), len(path), noise
-            blur = expose(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
+            blur = blur_images(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
             sharp = centre(region, (c, c))
         else:
             blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
         return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
 
-
-def render_batch(batch, device):
-    """A collated batch of PairDataset(blur_on_device=True) items -> (blur, sharp), each (B, 3, c, c) in [0, 1] on
-    `device`: the photographs blurred by one expose() of the batch, then turned and flipped as each item drew."""
+def blur_batch_on_device(batch, device):
+    """A collated batch of PairDataset(blur_on_device=True) items -> (blur, sharp), each (B, 3, c, c)
+    in [0, 1] on `device`: the photographs blurred by one blur_images() of the batch, then turned and
+    flipped as each item drew."""
     regions, paths, counts, noise, flips, turns = (x.to(device, non_blocking=True) for x in batch)
-    pairs = torch.stack([expose(regions, paths, counts, noise), centre(regions, noise.shape[-2:])], 1)
+    pairs = torch.stack([blur_images(regions, paths, counts, noise), centre(regions, noise.shape[-2:])], 1)
     pairs = [torch.rot90(p.flip(-1) if f else p, t, (-2, -1)) for p, f, t in zip(pairs, flips.tolist(), turns.tolist())]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
 
 def validation_images(pairs, crop, seed, blur_length, say):
     """(name, blur, sharp) uint8 centre crops (crop 0: whole images); a photograph gets a fixed seeded blur."""
@@ -1422,92 +1657,11 @@ def validation_images(pairs, crop, seed, blur_length, say):
             blur, sharp = blur[:, top:top + h, left:left + w], sharp[:, top:top + h, left:left + w]
         yield blur_path or sharp_path, blur, sharp
 
-
 def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a seed, a stage, a step), well mixed
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
-
-
-
-@contextmanager
-def atomic_path(path):
-    """Yields a temporary name beside `path` (same suffix) to write to; renamed over `path` only on success."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temps(folder):
-    """Delete the temp files atomic_path left in `folder` when its process was killed (that PID no longer runs)."""
-    for tmp in Path(folder).glob(".*.tmp*"):
-        pid = re.fullmatch(r"\..+\.tmp(\d+)(\.\w+)?", tmp.name)
-        if pid and int(pid[1]) != os.getpid():
-            try:
-                os.kill(int(pid[1]), 0)
-            except ProcessLookupError:
-                tmp.unlink(missing_ok=True)
-            except OSError:  # a process of another user: alive
-                pass
-
-
-def read_image(path, extras=False):
-    """
-    Read an image file as float RGB (3, H, W) in [0, 1], EXIF orientation applied; 8- and 16-bit, grayscale,
-    palette, alpha and float grayscale modes are converted (Pillow reads 16-bit RGB files at 8 bits; 16-bit grayscale
-    keeps its precision; float images in 0..255 are scaled). With extras, returns (rgb, {"alpha": (1, H, W) or None,
-    "icc_profile": bytes or None}). Raises ValueError naming the file for anything that is not a readable image.
-    """
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError:
-        limit = Image.MAX_IMAGE_PIXELS * 2
-        raise ValueError(f"{path}: image too large (over Pillow's {limit:,}-pixel bomb limit)") from None
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (OSError, SyntaxError, Image.UnidentifiedImageError) as err:
-        with open(path, "rb") as f:
-            tiff = f.read(4) in (b"II*\x00", b"MM\x00*")
-        raise ValueError(f"{path}: " + ("a TIFF variant that Pillow cannot decode (float RGB, for one)" if tiff
-                                        else f"not a readable image ({err})")) from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit (or float) grayscale
-        gray = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(gray).all():
-            raise ValueError(f"{path}: holds NaN or infinite pixel values")
-        scale = 65535.0 if img.mode != "F" else 1.0 if gray.max() <= 1 else 255.0 if gray.max() <= 255 else None
-        if scale is None:
-            raise ValueError(f"{path}: float pixel values up to {gray.max():g}, neither in [0, 1] nor in 0..255")
-        gray = torch.from_numpy(gray / scale).float().clamp(0, 1)
-        rgb, alpha = gray.expand(3, *gray.shape).contiguous(), None
-    else:
-        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
-        rgb, alpha = tensor[:3], (tensor[3:] if has_alpha else None)
-    return (rgb, {"alpha": alpha, "icc_profile": img.info.get("icc_profile")}) if extras else rgb
-
-
-def write_image(image, path, alpha=None, icc_profile=None):
-    """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], an optional alpha (1, H, W) and colour profile, as an
-    8-bit image; the format follows the suffix (JPEG and BMP have no alpha; JPEG at quality 95)."""
-    from PIL import Image
-
-    suffix = Path(path).suffix.lower()
-    if alpha is not None and suffix not in NO_ALPHA_SUFFIXES:
-        image = torch.cat([image, alpha.to(image)], 0)
-    arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-    options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-    if icc_profile and suffix != ".bmp" and icc_profile[16:20] == (b"GRAY" if mode in ("L", "LA") else b"RGB "):
-        options["icc_profile"] = icc_profile  # kept where its colour space (bytes 16-19 of its header) fits
-    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
+# ------------------------------------------------------------------------------------------------------
+# 12. Device, precision, errors
 
 
 def has_native_bf16():
@@ -1519,35 +1673,51 @@ def has_native_bf16():
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
-
 def pick_device(name="auto"):
     """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError if CUDA is absent."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available to this PyTorch build")
+        raise ValueError(f"device={name!r}: no CUDA device is available to this PyTorch build")
     return torch.device(name)
 
 
-def autocast(device, amp):
+def autocast(device, amp="auto"):
     """
-    The one mapping from --amp to what runs: (context manager, precision name, note or None). fp16 on CUDA, bf16 on
-    GPUs and CPUs that have it natively; fp32 otherwise, with a note saying why.
+    The one mapping from a precision to what runs: (context manager, the precision that runs, a note
+    or None). "auto": bf16 where the device computes it natively (CUDA GPUs with bf16; CPUs with
+    AVX-512 BF16 or AMX), fp32 elsewhere. "fp32" or None: the exact path. "bf16", "fp16": autocast
+    where native (fp16: CUDA), else fp32 with a note saying why.
     """
     device = torch.device(device)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type == "cuda":
-        native = amp == "fp16" or (amp == "bf16" and torch.cuda.is_bf16_supported())
+        native = {"bf16": torch.cuda.is_bf16_supported(), "fp16": True}
     else:
-        native = device.type == "cpu" and amp == "bf16" and has_native_bf16()
-    if native:
-        return torch.autocast(device.type, dtype=dtypes[amp]), amp, None
-    note = None if amp in (None, "none", "fp32") else f"--amp {amp} runs in fp32 on {device}: " + (
-        "fp16 is for CUDA" if amp == "fp16" else f"this {device.type.upper()} has no native bf16 (emulated, it is "
-                                                 "several times slower)")
-    return nullcontext(), "fp32", note
+        native = {"bf16": device.type == "cpu" and has_native_bf16(), "fp16": False}
+    if amp == "auto":
+        amp = "bf16" if native["bf16"] else "fp32"
+    if amp in (None, "fp32"):
+        return nullcontext(), "fp32", None
+    if native[amp]:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        return torch.autocast(device.type, dtype=dtype), amp, None
+    why = "fp16 is for CUDA" if amp == "fp16" else (f"this {device.type.upper()} has no native bf16 "
+                                                    "(emulated, it is several times slower)")
+    return nullcontext(), "fp32", f"{amp} runs in fp32 on {device}: {why}"
 
 
 def out_of_memory(err):
     """Whether an exception is an allocation failure (of the CPU, CUDA, or Python itself)."""
     return isinstance(err, MemoryError) or any(s in str(err) for s in ("out of memory", "can't allocate memory"))
+
+
+def error_line(err):
+    """An exception's message as one line: the first, or where the message carries a traceback (a
+    DataLoader worker's error) the original error's last line, without its "ValueError: "; the type's
+    name if there is no message."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    if "Traceback (most recent call last)" in str(err):
+        return re.sub(r"^\w*Error: ", "", lines[-1])
+    return lines[0]

@@ -3,7 +3,8 @@ Deblur photographs with a BlurDM checkpoint: files, folders or glob patterns in,
 
     python sample.py blurry.png                             # -> blurry_deblurred.png beside it
     python sample.py photos/ -r -o out/                     # a folder and its sub-folders, mirrored under out/
-    python sample.py "shots/**/*.jpg" -r -o out/ --amp bf16 # a quoted pattern, expanded here; bf16 where native
+    python sample.py "shots/**/*.jpg" -r -o out/            # a quoted pattern, expanded here
+    python sample.py blurry.png --amp fp32                  # the exact path (default: bf16 where native)
     python sample.py blurry.png --ckpt MIMO-UNetPlus.pkl    # published MIMO-UNet(+) or official BlurDM weights
     python sample.py huge.jpg --tile 1024                   # tiles of 1024 px sharing one prior; 0 never tiles
 
@@ -27,7 +28,6 @@ from tqdm import tqdm
 import blurdm
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "weights" / "blurdm-demo.pt"
-OUTPUT_TAG = "_deblurred"  # <stem>_deblurred.* are our outputs: folder and pattern scans leave them out
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +38,10 @@ parser.add_argument("-r", "--recursive", action="store_true", help="look into su
 parser.add_argument("--force", action="store_true", help="overwrite existing outputs (an input is never overwritten)")
 parser.add_argument("--ckpt", metavar="PATH", help="the checkpoint; it defines the model (default: the demo weights)")
 parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                    help="autocast: bf16 or fp16 on CUDA, bf16 on a CPU that has it natively; fp32 elsewhere")
+parser.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="precision. auto (default): bf16 where the device computes it natively (CUDA GPUs "
+                         "with bf16, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere; fp32: the exact path; "
+                         "bf16, fp16: autocast where native")
 parser.add_argument("--tile", type=int, metavar="PX", help="deblur larger images in overlapping tiles of this size, "
                     "all sharing the whole image's prior (default: 1536 on a CPU, what free memory allows on a GPU; "
                     "0 never tiles)")
@@ -53,7 +55,7 @@ def is_pattern(text):
 
 
 def is_input_image(path):
-    return path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not path.stem.endswith(OUTPUT_TAG)
+    return path.suffix.lower() in blurdm.IMAGE_SUFFIXES and not path.stem.endswith(blurdm.DEBLURRED_TAG)
 
 
 def find_inputs(specs, recursive):
@@ -64,7 +66,9 @@ def find_inputs(specs, recursive):
     found, problems = [], []
     for spec in specs:
         path, files, why = Path(spec), [], "no such file or folder"
-        if path.is_file():
+        if not spec.strip():
+            why = "an empty input name (an unset variable?)"
+        elif path.is_file():
             files = [(path, path.parent)]
         elif path.is_dir():
             files = [(f, path) for f in blurdm.list_images(path, recursive) if is_input_image(f)]
@@ -96,8 +100,10 @@ def output_paths(inputs, out):
     folder = lambda src, base: src.parent if out is None else Path(out) / os.path.relpath(src.parent, base)
     stems = [folder(src, base) / src.stem for src, base in inputs]
     shared = {stem for stem, n in collections.Counter(stems).items() if n > 1}
-    outputs = [stem.with_name(f"{stem.name}{'_' + src.suffix[1:] if stem in shared else ''}{OUTPUT_TAG}.png")
-               for stem, (src, _) in zip(stems, inputs)]
+    outputs = []
+    for stem, (src, _) in zip(stems, inputs):
+        suffix = f"_{src.suffix[1:]}" if stem in shared else ""
+        outputs.append(stem.with_name(f"{stem.name}{suffix}{blurdm.DEBLURRED_TAG}.png"))
     first = {}
     for (src, _), dst in zip(inputs, outputs):  # a.png in two folders given to one -o folder
         if first.setdefault(dst, src) != src:
@@ -115,7 +121,7 @@ def model_on_device(ckpt, device_name):
 
 def deblur_file(model, rgb, extras, dst, args, device, amp):
     """Deblur one image (3, H, W) in [0, 1] into the file `dst`, atomically; returns the seconds the model took."""
-    gray = torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])  # a grayscale file stays grayscale
+    gray = extras.pop("grayscale")  # a grayscale file stays grayscale
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with blurdm.atomic_path(dst) as tmp:
@@ -143,17 +149,23 @@ def main(argv=None):
         parser.error("--seed takes 0 to 2^63 - 1")
     warnings.filterwarnings("ignore", message="Image size .* exceeds limit")  # up to 2x Pillow's limit: --tile copes
     try:
+        tiling = blurdm.tiling_problem(args.tile, args.overlap)
+        if tiling:
+            raise ValueError(f"--tile {args.tile} --overlap {args.overlap}: {tiling}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available to this PyTorch build")
         inputs, problems = find_inputs(args.inputs, args.recursive)
+        if not inputs:  # nothing to do
+            raise ValueError("; ".join(problems))
         outputs = output_paths(inputs, args.out)
         model, device = model_on_device(args.ckpt, args.device)
-        blurdm.check_tiling(args.tile, args.overlap)
     except (ValueError, OSError) as err:
         say(str(err), error=True)
         return 1
     amp, precision, note = blurdm.autocast(device, args.amp)
     say(f"{args.ckpt or DEFAULT_CKPT} on {device}, {precision} | {len(inputs)} image{'s' * (len(inputs) != 1)}")
     if note:
-        say(note)
+        say(f"note: --amp {note}")
     for problem in problems:
         say(problem, error=True)
 
@@ -176,9 +188,9 @@ def main(argv=None):
         except (ValueError, OSError, RuntimeError, MemoryError) as err:  # a bad file, or out of memory: carry on
             failed += 1
             torch.cuda.empty_cache()  # the next image starts from a clean allocator (a no-op without CUDA)
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # ours name the file; torch's do not
+            line = blurdm.error_line(err)  # ours name the file; torch's do not
             hint = " (a smaller --tile needs less memory)" if blurdm.out_of_memory(err) else ""
-            say(first if isinstance(err, (ValueError, OSError)) else f"{src}: {first}{hint}", error=True)
+            say(line if isinstance(err, (ValueError, OSError)) else f"{src}: {line}{hint}", error=True)
             continue
         seconds.append(took)
         say(f"{tag} -> {dst} | {rgb.shape[2]}x{rgb.shape[1]} | {took:.2f} s")

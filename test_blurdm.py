@@ -335,8 +335,8 @@ def test_tiled_deblur_matches_the_untiled_one_with_one_prior_for_the_whole_image
     x = photo[..., 20:160, 30:233]
     whole = blurdm.to_uint8(model.deblur(x)).int()
     priors = []
-    blur_prior = model.blur_prior
-    monkeypatch.setattr(model, "blur_prior", lambda *a: priors.append(a[0].shape) or blur_prior(*a))
+    sharp_prior = model.sharp_prior
+    monkeypatch.setattr(model, "sharp_prior", lambda *a: priors.append(a[0].shape) or sharp_prior(*a))
     tiled = blurdm.to_uint8(blurdm.deblur_tiled(model, x, tile=136, overlap=64)).int()
     assert priors == [(1, 3, 144, 208)]  # one prior, from the whole (padded) image
     assert tiled.shape == whole.shape and (tiled - whole).abs().max() <= 3 and (tiled - whole).abs().float().mean() < 0.1
@@ -444,7 +444,7 @@ def test_stage_2_loss_is_l1_between_the_chain_prior_and_the_frozen_sharp_encoder
     blur, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     model.set_stage(2)
     eps = torch.randn(2, 32)
-    prior, target = model.blur_prior(blur, eps), model.sharp_latent(blur, sharp)
+    prior, target = model.sharp_prior(blur, eps), model.sharp_latent(blur, sharp)
     assert prior.shape == target.shape == (2, 32)
     loss = model(blur, sharp, 2, eps=eps)
     assert loss.item() == pytest.approx(F.l1_loss(prior, target).item(), rel=1e-6)
@@ -639,7 +639,7 @@ def test_a_mimo_unet_model_feeds_its_network_the_unshifted_image_and_returns_the
 
 
 def test_official_blurdm_files_load_bit_exact_with_the_official_schedule_and_prior_loss(tmp_path):
-    cfg = BlurDMConfig.preset("paper", beta_bar_rule="official", prior_loss="charbonnier")
+    cfg = BlurDMConfig.preset("paper", beta_bar_rule="official", prior_distance="charbonnier")
     model = randomised(BlurDM(cfg))
     deblur, dm, le = in_official_names(model, 20)
     d = model.diffusion
@@ -674,10 +674,10 @@ def test_a_prior_added_to_a_published_backbone_starts_at_the_backbones_own_outpu
     torch.save({"model": in_official_names(backbone, 1)[0]}, tmp_path / "MIMO-UNet.pkl")
     cfg, state, _ = blurdm.read_checkpoint(tmp_path / "MIMO-UNet.pkl")
     model = BlurDM(replace(cfg, prior=True, fusion_residual=True))
-    blurdm.load_weights(model, state, "MIMO-UNet.pkl", optional=blurdm.PRIOR_PARTS)
+    blurdm.load_weights(model, state, "MIMO-UNet.pkl", optional=train.new_at_stage(1))
     blur, sharp = photo[..., :32, :48], photo[..., 32:64, :48]
-    for prior in (model.sharp_latent(blur, sharp), model.blur_prior(blur)):
-        assert torch.equal(model.restore(blur, prior)[-1], backbone.restore(blur, None)[-1])
+    for prior in (model.sharp_latent(blur, sharp), model.sharp_prior(blur)):
+        assert torch.equal(model.run_deblurrer(blur, prior)[-1], backbone.run_deblurrer(blur, None)[-1])
     data = _gopro(tmp_path / "gopro", per_sequence=2)
     assert _train(["--data", data, "--out", tmp_path / "out", *_FAST, "--iters", "1,0,0", "--init",
                    tmp_path / "MIMO-UNet.pkl"]) == 0
@@ -1012,7 +1012,7 @@ def test_photographs_blurred_a_batch_at_a_time_where_the_model_trains_equal_thos
     one_by_one = blurdm.PairDataset(pairs, 32, (4.0, 30.0), seed=0, reuse=2)
     batched = blurdm.PairDataset(pairs, 32, (4.0, 30.0), seed=0, reuse=2, blur_on_device=True)
     items = [(3, step, k) for step in range(3) for k in range(4)]
-    blur, sharp = blurdm.render_batch(torch.utils.data.default_collate([batched[i] for i in items]), "cpu")
+    blur, sharp = blurdm.blur_batch_on_device(torch.utils.data.default_collate([batched[i] for i in items]), "cpu")
     assert len({batched[i][2] for i in items}) > 1  # paths of several lengths in one batch
     for j, item in enumerate(items):
         assert torch.equal(blur[j], one_by_one[item][0]) and torch.equal(sharp[j], one_by_one[item][1])
@@ -1262,9 +1262,10 @@ def _sample_read(path):
 
 
 def _sample_run(argv, capsys):
-    """main(argv) in-process, on the CPU unless --device is given (tests compare with CPU results): (exit code,
-    stdout, stderr)."""
-    code = sample.main([str(a) for a in argv] + ["--device", "cpu"] * ("--device" not in argv))
+    """main(argv) in-process, on the CPU in fp32 unless --device or --amp is given (tests compare with the exact
+    CPU results): (exit code, stdout, stderr)."""
+    argv = [str(a) for a in argv]
+    code = sample.main(argv + ["--device", "cpu"] * ("--device" not in argv) + ["--amp", "fp32"] * ("--amp" not in argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -1713,10 +1714,13 @@ def test_sample_output_suffixes_alpha_to_jpeg_quality_and_colour_profile(tmp_pat
     code, _, _ = _sample_run([src, "--ckpt", sample_strong_ckpt], capsys)
     with Image.open(tmp_path / "rgba_deblurred.png") as png:
         assert png.info.get("icc_profile") == profile and png.mode == "RGBA"
-    Image.fromarray(_sample_photo(16, 24)).convert("L").convert("RGB").save(tmp_path / "gray.png", icc_profile=profile)
-    code, _, _ = _sample_run([tmp_path / "gray.png", "--ckpt", sample_strong_ckpt], capsys)
+    Image.fromarray(_sample_photo(16, 24)).convert("L").save(tmp_path / "gray.png", icc_profile=profile)
+    Image.fromarray(_sample_photo(16, 24)).convert("L").convert("RGB").save(tmp_path / "equal.png", icc_profile=profile)
+    code, _, _ = _sample_run([tmp_path / "gray.png", tmp_path / "equal.png", "--ckpt", sample_strong_ckpt], capsys)
     with Image.open(tmp_path / "gray_deblurred.png") as png:  # an RGB profile does not describe a grayscale file
         assert png.mode == "L" and "icc_profile" not in png.info
+    with Image.open(tmp_path / "equal_deblurred.png") as png:  # an RGB file of equal channels stays RGB, profiled
+        assert png.mode == "RGB" and png.info.get("icc_profile") == profile
 
 
 def test_sample_sigterm_removes_the_temp_file_of_the_image_in_progress(tmp_path, sample_strong_ckpt):
@@ -1748,13 +1752,17 @@ def test_sample_ckpt_that_is_a_folder_and_tiles_that_make_no_sense_are_one_line_
     src = _sample_save(tmp_path / "a.png")
     (tmp_path / "somedir.pt").mkdir()
     for args, message in ((["--ckpt", tmp_path / "somedir.pt"], "somedir.pt: a folder, not a checkpoint file"),
-                          (["--ckpt", sample_strong_ckpt, "--tile", "1"], "--tile must be at least 64 px"),
-                          (["--ckpt", sample_strong_ckpt, "--overlap", "-8"], "overlap, which cannot be negative")):
+                          (["--ckpt", sample_strong_ckpt, "--tile", "1"],
+                           "--tile 1 --overlap 64: a tile must be a whole number of at least 128 px"),
+                          (["--ckpt", sample_strong_ckpt, "--tile", "64"], "at least 128 px (64, and twice the overlap)"),
+                          (["--ckpt", sample_strong_ckpt, "--overlap", "-8"],
+                           "the overlap must be a whole number of pixels, 0 or more")):
         code, _, err = _sample_run([src, *args], capsys)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1
-    for tile, overlap in ((-5, 64), (128, -8), (100, 64)):
-        with pytest.raises(ValueError, match="--tile must be at least 64 px and twice --overlap"):
+    for tile, overlap in ((-5, 64), (128, -8), (100, 64), (np.int64(100), 64), (2.5, 0), (True, 0)):
+        with pytest.raises(ValueError, match=r"deblur_tiled\(tile=.*, overlap=.*\): (a tile|the overlap) must be"):
             blurdm.deblur_tiled(tiny, torch.rand(1, 3, 8, 8), tile, overlap)
+    assert blurdm.deblur_tiled(tiny, torch.rand(1, 3, 8, 8), np.int64(128), np.int64(64)).shape == (1, 3, 8, 8)
 
 
 def test_train_settings_that_make_no_sense_get_one_argparse_error_each(tmp_path, capsys):

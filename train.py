@@ -36,18 +36,16 @@ from torch.utils.data import DataLoader
 
 import blurdm
 
-# the training recipe of each preset: crop, global batch, Adam's lr with a cosine decay to lr_min, epochs per stage
-PAPER = dict(crop=256, batch_size=20, lr=1e-4, lr_min=1e-6, stage_epochs=(3000, 500, 3000), seed=2023)
-RECIPES = {"paper": PAPER, "mimo-unet": PAPER,
-           "demo": dict(crop=128, batch_size=8, lr=5e-4, lr_min=1e-5, stage_epochs=(1334, 334, 1000), seed=2023),
-           "tiny": dict(crop=64, batch_size=4, lr=1e-3, lr_min=1e-6, stage_epochs=(2, 1, 2), seed=2023)}
+PRESET_HELP = ("model and recipe: paper = MIMO-UNet+ with BlurDM, the row the paper's Table 1 calls MIMO-UNet; "
+               "mimo-unet = Cho et al.'s MIMO-UNet (8 blocks a stage); demo = the shipped CPU-sized weights; "
+               "tiny = tests (with --init: the recipe only)")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="GoPro (original or flat), RealBlur, HIDE, blur/ + sharp/, or photos")
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and scores.csv (default: out)")
-    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="model and recipe (--init: recipe)")
+    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help=PRESET_HELP)
     p.add_argument("--no-prior", action="store_true", help="the baseline backbone alone (ablation)")
     p.add_argument("--init", help="weights to start from (ours, MIMO-UNet's, official BlurDM's), or to --eval-only")
     p.add_argument("--eval-only", action="store_true", help="score --init on the whole test split; writes scores.csv")
@@ -76,13 +74,15 @@ def parse_args(argv):
             argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = p.parse_args([a for a in argv if a])
     given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min, seed=args.seed)
-    recipe = {**RECIPES[args.preset], **{k: v for k, v in given.items() if v is not None}}
+    recipe = {**blurdm.TRAINING_RECIPES[args.preset], **{k: v for k, v in given.items() if v is not None}}
     checks = [(args.eval_only and not args.init, "--eval-only needs --init CKPT"),
               (args.iters and not any(args.iters), "--iters: at least one stage needs iterations"),
               (args.blur_length[0] > args.blur_length[1], "--blur-length LO,HI needs LO <= HI"),
               (args.blur_length[1] > recipe["crop"], f"--blur-length: paths longer than the {recipe['crop']}px crop"),
               (recipe["crop"] % 4, "--crop must be a multiple of 4"),
-              (not 0 <= recipe["lr_min"] <= recipe["lr"] <= 1e30, "--lr-min must be between 0 and --lr")]
+              (not 0 <= recipe["lr_min"] <= recipe["lr"] <= 1e30, "--lr-min must be between 0 and --lr"),
+              (args.device == "cuda" and not torch.cuda.is_available(),
+               "--device cuda: no CUDA device is available to this PyTorch build")]
     for failed, message in checks:
         if failed:
             p.error(message)
@@ -172,7 +172,7 @@ def setup(args, recipe):
             "machines have); --preset demo is sized for CPUs")
     autocast, _, note = blurdm.autocast(device, args.amp)
     if note:
-        say(f"note: {note}")
+        say(f"note: --amp {note}")
     (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     blurdm.remove_stale_temps(out)
     ctx = SimpleNamespace(args=args, recipe=recipe, settings={}, device=device, rank=rank, world_size=world_size,
@@ -201,7 +201,9 @@ def train_stage(model, stage, loader, state, ctx):
     batches = iter(loader)
     while step < total:
         t0 = time.perf_counter()
-        batch = blurdm.render_batch(next(batches), ctx.device) if loader.dataset.blur_on_device else next(batches)
+        batch = next(batches)
+        if loader.dataset.blur_on_device:  # photographs, blurred here a batch at a time
+            batch = blurdm.blur_batch_on_device(batch, ctx.device)
         blur, sharp = (x.to(ctx.device, non_blocking=True, memory_format=blurdm.memory_format(ctx.device))
                        for x in batch)
         t1 = time.perf_counter()
@@ -299,11 +301,21 @@ def where_to_start(ctx):
     if new_prior and stages[0] > 1:
         raise ValueError(f"{args.init}: a backbone without a prior; its prior networks train from stage 1 on")
     model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
-    parts = blurdm.PRIOR_PARTS  # a stage may start without what it trains, never without what it trains from
-    blurdm.load_weights(model, weights, args.init, {1: parts, 2: parts[1:4], 3: parts[:1]}[stages[0]])
+    blurdm.load_weights(model, weights, args.init, new_at_stage(stages[0]))
     ctx.say(f"stage {stages[0]} starts from the weights of {args.init}" + (
         " (a backbone: the prior networks are new, their fusion starts as the identity)" if new_prior else ""))
     return model, stages, None
+
+
+def new_at_stage(stage):
+    """The weights a stage may start without (they keep their initial values): stage 1, every prior network
+    (a backbone gains them); stage 2, what it trains from scratch; stage 3, the sharp encoder it no longer uses.
+    Whatever a stage trains from must be in the file."""
+    if stage == 1:
+        return ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.", "deblurrer.prior_fusion.")
+    if stage == 2:
+        return tuple(f"{name}." for name in blurdm.STAGE_PARTS[2])
+    return ("sharp_encoder.",)
 
 
 def evaluate_test_split(ctx, splits):
@@ -369,10 +381,9 @@ def cli(argv=None):
         if isinstance(err, KeyboardInterrupt):
             return 130
         if isinstance(err, (ValueError, OSError)):  # data, checkpoints, settings, files: the message names the file
-            message = (str(err).strip().splitlines() or [type(err).__name__])[-1].removeprefix("ValueError: ")
+            message = blurdm.error_line(err)
         elif isinstance(err, (MemoryError, RuntimeError)) and blurdm.out_of_memory(err):
-            first = (str(err).splitlines() or ["MemoryError"])[0][:100]
-            message = f"out of memory ({first}); a smaller --batch or --crop needs less"
+            message = f"out of memory ({blurdm.error_line(err)[:100]}); a smaller --batch or --crop needs less"
         else:
             raise
     finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it, expecting its end
