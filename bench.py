@@ -8,6 +8,7 @@ whole cycles of a render and its reuses).
     python bench.py                                  # every preset at 256x256 and 1280x720, on the best device
     python bench.py --presets demo tiny --sizes 1280x720 --device cpu --json bench.json
     python bench.py --presets demo --sizes 256x256 --amp bf16 --reuse 4   # the demo weights' training recipe
+    python bench.py --presets demo paper --sizes 2560x1440 --no-train       # fp32 vs the default precision
 
 Each case runs in a fresh process so that its peak memory (max RSS on CPU, max allocated on CUDA) is its own.
 It is a benchmark, not a test: numbers depend on the machine and on whatever else runs on it.
@@ -28,7 +29,6 @@ from torch.utils.data import default_collate
 import blurdm
 
 PHOTO = Path(__file__).resolve().parent / "assets" / "example_sharp.png"
-TRAIN_SHAPE = {"paper": (20, 256), "mimo-unet": (20, 256), "demo": (8, 128), "tiny": (4, 64)}  # train.py's batch, crop
 
 
 def sync(device):
@@ -77,7 +77,8 @@ def run_case(preset, size, device, repeat, train_step, compile_model, amp, reuse
     else:
         row["peak_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if train_step:
-        (batch, crop), memory_format = TRAIN_SHAPE[preset], blurdm.memory_format(device)
+        recipe, memory_format = blurdm.TRAINING_RECIPES[preset], blurdm.memory_format(device)
+        batch, crop = recipe["batch_size"], recipe["crop"]  # train.py's defaults
         on_gpu = device.type == "cuda"  # as train.py: photographs blurred on the GPU, a batch at once
         dataset = blurdm.PairDataset([(None, str(PHOTO))], crop, (0.0, 30.0), 0, reuse, blur_on_device=on_gpu)
         optimizer = torch.optim.Adam(model.set_stage(3), lr=1e-4, fused=on_gpu)
@@ -121,7 +122,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the deblurrer (compile time excluded)")
-    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast inference and the training step")
+    parser.add_argument("--amp", nargs="+", default=["fp32", "auto"], choices=("fp32", "auto", "bf16", "fp16"),
+                        help="precisions to time, each for inference and the training step (default: fp32 and "
+                             "auto, sample.py's default: bf16 where native)")
     parser.add_argument("--reuse", type=int, default=1, help="train.py --reuse: steps a rendered crop serves")
     parser.add_argument("--json", default="bench.json", help="where to write the table")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, printed as JSON
@@ -130,34 +133,32 @@ def main():
     if args.case:
         preset, size, train = args.case.split(":")
         W, H = map(int, size.split("x"))
-        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.amp, args.reuse)
+        row = run_case(preset, (H, W), device, args.repeat, train == "1", args.compile, args.amp[0], args.reuse)
         print(json.dumps(row))
         return
 
     rows = []
-    for preset in args.presets:
-        for i, size in enumerate(args.sizes):
-            train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
-            cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device, "--repeat",
-                   str(args.repeat)] + ["--compile"] * args.compile
-            cmd += (["--amp", args.amp] if args.amp else []) + ["--reuse", str(args.reuse)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:  # a case killed for memory leaves no message: say so
-                lines = done.stderr.strip().splitlines()
-                why = (lines or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
-                print(f"{preset} {size}: failed: {why}", file=sys.stderr)
-                continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            train_text = f"{r['train_megapixels_per_s']:.3f} MP/s, {r['train_step_s']:.2f} s a step of " \
-                f"{r['train_batch']} (data {r['train_data_s']:.2f} s)" if "train_step_s" in r else "-"
-            print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['precision']:4s} {r['params_M']:7.2f} M "
-                  f"params | {r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior "
-                  f"{100 * r['prior_share']:4.1f} % | peak {r['peak_MiB']:7.0f} MiB | training {train_text}",
-                  flush=True)
+    for preset, (i, size), amp in itertools.product(args.presets, enumerate(args.sizes), args.amp):
+        train = "1" if i == 0 and not args.no_train else "0"  # one training step per preset is enough
+        cmd = [sys.executable, __file__, "--case", f"{preset}:{size}:{train}", "--device", device, "--repeat",
+               str(args.repeat), "--amp", amp, "--reuse", str(args.reuse)] + ["--compile"] * args.compile
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # a case killed for memory leaves no message: say so
+            lines = done.stderr.strip().splitlines()
+            why = (lines or [f"exit code {done.returncode} (killed: out of memory?)"])[-1]
+            print(f"{preset} {size}: failed: {why}", file=sys.stderr)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        train_text = f"{r['train_megapixels_per_s']:.3f} MP/s, {r['train_step_s']:.2f} s a step of " \
+            f"{r['train_batch']} (data {r['train_data_s']:.2f} s)" if "train_step_s" in r else "-"
+        print(f"{r['preset']:10s} {r['size']:>10s} {r['device']:5s} {r['precision']:4s} {r['params_M']:7.2f} M "
+              f"params | {r['seconds']:7.3f} s | {r['megapixels_per_s']:6.2f} MP/s | prior "
+              f"{100 * r['prior_share']:4.1f} % | peak {r['peak_MiB']:7.0f} MiB | training {train_text}",
+              flush=True)
     with open(args.json, "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "compile": args.compile,
-                   "amp": args.amp, "reuse": args.reuse, "rows": rows}, f,
+                   "reuse": args.reuse, "rows": rows}, f,
                   indent=1)
     print(f"wrote {args.json}")
 

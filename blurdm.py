@@ -462,7 +462,7 @@ def spectrum(x):
 
 def deblur_loss(outputs, sharp, cfg):
     """
-    MIMO-UNet's loss, Eq. (5.1): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C the
+    MIMO-UNet's loss, Eq. (5.2): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C the
     Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size.
     outputs: a list of scales in [0, 1]; sharp in [0, 1].
     """
@@ -478,7 +478,7 @@ def deblur_loss(outputs, sharp, cfg):
 
 
 def prior_loss(prior, target, cfg):
-    """Stage 2's L_prior, Eq. (5.2): the mean absolute difference between Z_0^B and Z^S (the paper's
+    """Stage 2's L_prior, Eq. (5.1): the mean absolute difference between Z_0^B and Z^S (the paper's
     L1), or its Charbonnier form (the official code)."""
     if cfg.prior_distance == "l1":
         return F.l1_loss(prior, target)
@@ -992,6 +992,15 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: its config cannot be read ({err})") from None
     check_tensors(path, checkpoint["model"])
     return cfg, checkpoint["model"], checkpoint
+
+
+# the weights a training stage may start without (they keep their initial values): stage 1, every prior
+# network (a published backbone has none); stage 2, what it trains from scratch; stage 3, the sharp encoder
+# it no longer uses. What a stage trains from must be in the file.
+NEW_AT_STAGE = {1: ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.",
+                    "deblurrer.prior_fusion."),
+                2: tuple(f"{name}." for name in STAGE_PARTS[2]),
+                3: ("sharp_encoder.",)}
 
 
 def load_weights(model, state, path, optional=()):

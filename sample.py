@@ -39,12 +39,10 @@ parser.add_argument("--force", action="store_true", help="overwrite existing out
 parser.add_argument("--ckpt", metavar="PATH", help="the checkpoint; it defines the model (default: the demo weights)")
 parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 parser.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                    help="precision. auto (default): bf16 where the device computes it natively (CUDA GPUs "
-                         "with bf16, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere; fp32: the exact path; "
-                         "bf16, fp16: autocast where native")
-parser.add_argument("--tile", type=int, metavar="PX", help="deblur larger images in overlapping tiles of this size, "
-                    "all sharing the whole image's prior (default: 1536 on a CPU, what free memory allows on a GPU; "
-                    "0 never tiles)")
+                    help="auto (default): bf16 where computed natively (CUDA GPUs with bf16, CPUs with AVX-512 "
+                         "BF16 or AMX), else fp32; fp32: the exact path; bf16, fp16: autocast where native")
+parser.add_argument("--tile", type=int, metavar="PX", help="larger images in overlapping tiles of this size sharing "
+                    "one prior (default: 1536 on a CPU, what free memory allows on a GPU; 0 never tiles)")
 parser.add_argument("--overlap", type=int, default=64, metavar="PX", help="pixels that neighbouring tiles share")
 parser.add_argument("--seed", type=int, default=blurdm.INFERENCE_SEED, metavar="N",
                     help="seed of the prior's start noise (default 2023, as the official code)")
@@ -59,10 +57,8 @@ def is_input_image(path):
 
 
 def find_inputs(specs, recursive):
-    """
-    The INPUT arguments as [(image, base folder)], and one line for each argument that names no image. Outputs under
-    -o mirror the image's path below its base: the folder given, the fixed part of a pattern, or a file's own folder.
-    """
+    """The INPUT arguments as [(image, base folder)], and one line for each argument that names no image. Outputs
+    under -o mirror the image's path below its base: the folder given, a pattern's fixed part, or a file's folder."""
     found, problems = [], []
     for spec in specs:
         path, files, why = Path(spec), [], "no such file or folder"
@@ -100,23 +96,13 @@ def output_paths(inputs, out):
     folder = lambda src, base: src.parent if out is None else Path(out) / os.path.relpath(src.parent, base)
     stems = [folder(src, base) / src.stem for src, base in inputs]
     shared = {stem for stem, n in collections.Counter(stems).items() if n > 1}
-    outputs = []
+    outputs, first = [], {}
     for stem, (src, _) in zip(stems, inputs):
         suffix = f"_{src.suffix[1:]}" if stem in shared else ""
-        outputs.append(stem.with_name(f"{stem.name}{suffix}{blurdm.DEBLURRED_TAG}.png"))
-    first = {}
-    for (src, _), dst in zip(inputs, outputs):  # a.png in two folders given to one -o folder
-        if first.setdefault(dst, src) != src:
+        outputs.append(dst := stem.with_name(f"{stem.name}{suffix}{blurdm.DEBLURRED_TAG}.png"))
+        if first.setdefault(dst, src) != src:  # a.png in two folders given to one -o folder
             raise ValueError(f"{first[dst]} and {src} would both write {dst}; give them separate -o folders")
     return outputs
-
-
-def model_on_device(ckpt, device_name):
-    if ckpt is None and not DEFAULT_CKPT.exists():
-        raise ValueError(f"{DEFAULT_CKPT}: the default demo weights are not in this checkout; "
-                         "pass --ckpt PATH to a BlurDM checkpoint (train.py writes one)")
-    device = blurdm.pick_device(device_name)
-    return blurdm.load_model(ckpt or DEFAULT_CKPT).to(device), device
 
 
 def deblur_file(model, rgb, extras, dst, args, device, amp):
@@ -158,7 +144,11 @@ def main(argv=None):
         if not inputs:  # nothing to do
             raise ValueError("; ".join(problems))
         outputs = output_paths(inputs, args.out)
-        model, device = model_on_device(args.ckpt, args.device)
+        if args.ckpt is None and not DEFAULT_CKPT.exists():
+            raise ValueError(f"{DEFAULT_CKPT}: the default demo weights are not in this checkout; "
+                             "pass --ckpt PATH to a BlurDM checkpoint (train.py writes one)")
+        device = blurdm.pick_device(args.device)
+        model = blurdm.load_model(args.ckpt or DEFAULT_CKPT).to(device)
     except (ValueError, OSError) as err:
         say(str(err), error=True)
         return 1
@@ -168,7 +158,6 @@ def main(argv=None):
         say(f"note: --amp {note}")
     for problem in problems:
         say(problem, error=True)
-
     input_paths = {src.resolve() for src, _ in inputs}
     skipped, failed, seconds = 0, len(problems), []  # seconds: one entry per image written
     bar = tqdm(list(zip(inputs, outputs)), unit="image", disable=len(inputs) < 2, file=sys.stderr, dynamic_ncols=True)
@@ -194,7 +183,6 @@ def main(argv=None):
             continue
         seconds.append(took)
         say(f"{tag} -> {dst} | {rgb.shape[2]}x{rgb.shape[1]} | {took:.2f} s")
-    bar.close()
 
     average = f" | {sum(seconds) / len(seconds):.2f} s an image on average ({device}, {precision})" if seconds else ""
     say(f"done: {len(seconds)} written, {skipped} skipped, {failed} failed{average}")

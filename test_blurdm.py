@@ -674,7 +674,7 @@ def test_a_prior_added_to_a_published_backbone_starts_at_the_backbones_own_outpu
     torch.save({"model": in_official_names(backbone, 1)[0]}, tmp_path / "MIMO-UNet.pkl")
     cfg, state, _ = blurdm.read_checkpoint(tmp_path / "MIMO-UNet.pkl")
     model = BlurDM(replace(cfg, prior=True, fusion_residual=True))
-    blurdm.load_weights(model, state, "MIMO-UNet.pkl", optional=train.new_at_stage(1))
+    blurdm.load_weights(model, state, "MIMO-UNet.pkl", optional=blurdm.NEW_AT_STAGE[1])
     blur, sharp = photo[..., :32, :48], photo[..., 32:64, :48]
     for prior in (model.sharp_latent(blur, sharp), model.sharp_prior(blur)):
         assert torch.equal(model.run_deblurrer(blur, prior)[-1], backbone.run_deblurrer(blur, None)[-1])
@@ -1035,7 +1035,8 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
     assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
     stdout = capsys.readouterr().out
     assert "2 test pairs, 6 train pairs" in stdout
-    assert stdout.strip().splitlines()[-1] == f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {out / 'best.pt'}"
+    assert re.fullmatch(rf"done in 0:00:\d\d\. deblur with: python sample.py YOUR_IMAGE --ckpt {re.escape(str(out / 'best.pt'))}",
+                        stdout.strip().splitlines()[-1])
     last = _checkpoint(out / "last.pt")
     assert (last["stage"], last["step"]) == (3, 2) and last["config"]["prior"] is True
     # each stage trains its own parts only (METHOD.md §5); the frozen sharp encoder keeps its BatchNorm statistics
@@ -1052,7 +1053,7 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
     assert restored.shape == (1, 3, 37, 53) and torch.isfinite(restored).all()
     assert _train(["--data", data, "--out", out, *_FAST, "--workers", "1", "--iters", "2,1,2", "--val-every", "1"]) == 0
     rerun = capsys.readouterr().out
-    assert "stage 3 finished" in rerun and "stage 3 (" not in rerun and "done." in rerun  # rerun: nothing left
+    assert "stage 3 finished" in rerun and "stage 3 (" not in rerun and "done in" in rerun  # rerun: nothing left
 
 
 def test_train_later_stages_start_from_init_and_no_prior_trains_the_baseline(tmp_path, capsys):

@@ -12,6 +12,7 @@ Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first
 """
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -24,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,16 +38,14 @@ from torch.utils.data import DataLoader
 
 import blurdm
 
-PRESET_HELP = ("model and recipe: paper = MIMO-UNet+ with BlurDM, the row the paper's Table 1 calls MIMO-UNet; "
-               "mimo-unet = Cho et al.'s MIMO-UNet (8 blocks a stage); demo = the shipped CPU-sized weights; "
-               "tiny = tests (with --init: the recipe only)")
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="GoPro (original or flat), RealBlur, HIDE, blur/ + sharp/, or photos")
     p.add_argument("--out", default="out", help="checkpoints, log.jsonl and scores.csv (default: out)")
-    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help=PRESET_HELP)
+    p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="model and recipe (--init: the "
+                   "recipe): paper = MIMO-UNet+ with BlurDM, the row the paper's Table 1 calls MIMO-UNet; mimo-unet = "
+                   "Cho et al.'s MIMO-UNet (8 blocks a stage); demo = the shipped weights; tiny = tests")
     p.add_argument("--no-prior", action="store_true", help="the baseline backbone alone (ablation)")
     p.add_argument("--init", help="weights to start from (ours, MIMO-UNet's, official BlurDM's), or to --eval-only")
     p.add_argument("--eval-only", action="store_true", help="score --init on the whole test split; writes scores.csv")
@@ -104,8 +104,8 @@ def main(argv=None):
         ctx.say(f"warning: {line}")
     if args.eval_only:
         return evaluate_test_split(ctx, splits)
-    signal.signal(signal.SIGINT, functools.partial(request_stop, ctx))  # training: Ctrl-C and SIGTERM save first
-    signal.signal(signal.SIGTERM, functools.partial(request_stop, ctx))
+    for signum in (signal.SIGINT, signal.SIGTERM):  # training: Ctrl-C and SIGTERM save first
+        signal.signal(signum, functools.partial(request_stop, ctx))
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)} (--eval-only scores a model)")
     pairs, val_pairs = splits["train"], splits.get("test", [])
@@ -140,16 +140,16 @@ def main(argv=None):
                 return 128 + ctx.stop.get("signal", signal.SIGTERM)  # ranks told by the all-reduce have no signal
             state = None
     best = ctx.out / ("best.pt" if ctx.best["psnr"] is not None else "last.pt")
-    ctx.say(f"done. stage 2 starts from it: --iters 0,B,C --init {best}" if model.cfg.prior and not any(stage_steps[1:])
-            else f"done. deblur with: python sample.py YOUR_IMAGE --ckpt {best}")
+    then = ("stage 2 starts from it: --iters 0,B,C --init" if model.cfg.prior and not any(stage_steps[1:])
+            else "deblur with: python sample.py YOUR_IMAGE --ckpt")
+    ctx.say(f"done in {timedelta(seconds=round(time.perf_counter() - ctx.started))}. {then} {best}")
     return 0
 
 
 def setup(args, recipe):
-    """This process (rank, device: one GPU a process under torchrun; precision, output folder) as the context
-    every step reads: args, recipe, settings (what a resumed run must share with the one that saved), device, rank,
-    world_size, autocast, out, say (print on rank 0), log (log.jsonl on rank 0), val_images, best (best validation
-    PSNR of stages 2-3, kept in best.pt), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
+    """This process (rank, device, precision, output folder) as the context every step reads: settings (what a
+    resumed run must share with the one that saved), say (print on rank 0), log (log.jsonl on rank 0), best (best
+    validation PSNR of stages 2-3), stop (the signal that asked to stop), saved (what out/last.pt holds) ..."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                              ("WORLD_SIZE", 1)))
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -175,10 +175,9 @@ def setup(args, recipe):
         say(f"note: --amp {note}")
     (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     blurdm.remove_stale_temps(out)
-    ctx = SimpleNamespace(args=args, recipe=recipe, settings={}, device=device, rank=rank, world_size=world_size,
-                          autocast=autocast, out=out, say=say, log=None, val_images=[], best={"psnr": None}, stop={},
-                          saved="")
-    return ctx
+    return SimpleNamespace(args=args, recipe=recipe, settings={}, device=device, rank=rank, world_size=world_size,
+                           autocast=autocast, out=out, say=say, log=None, val_images=[], best={"psnr": None},
+                           stop={}, saved="", started=time.perf_counter())
 
 
 def train_stage(model, stage, loader, state, ctx):
@@ -194,13 +193,14 @@ def train_stage(model, stage, loader, state, ctx):
     forward = torch.compile(model) if ctx.args.compile else model
     if ctx.world_size > 1:
         forward = DDP(forward, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    what = ["sharp encoder + deblurrer", "blur encoder + estimators", "all but the sharp encoder"][stage - 1]
-    what, r = what if model.cfg.prior else "no prior", ctx.recipe
+    what, r = " + ".join(blurdm.STAGE_PARTS[stage]) if model.cfg.prior else "deblurrer, no prior", ctx.recipe
     ctx.say(f"stage {stage} ({what}): steps {step}..{total}, batch {r['batch_size']} of {r['crop']}px crops, "
             f"lr {r['lr']:g} -> {r['lr_min']:g}")
-    batches = iter(loader)
+    batches, starts = iter(loader), collections.deque(maxlen=100)  # starts of the recent steps: the pace
+
     while step < total:
         t0 = time.perf_counter()
+        starts.append(t0)  # a step lasts until the next starts: validation and saving included
         batch = next(batches)
         if loader.dataset.blur_on_device:  # photographs, blurred here a batch at a time
             batch = blurdm.blur_batch_on_device(batch, ctx.device)
@@ -226,8 +226,12 @@ def train_stage(model, stage, loader, state, ctx):
         step += 1
         ms, data_ms = 1000 * (time.perf_counter() - t0), 1000 * (t1 - t0)
         if ctx.log and (step % ctx.args.log_every == 0 or step == total):
-            ctx.say(f"stage {stage} step {step} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms "
-                    f"(data {data_ms:.0f})")
+            pace = (time.perf_counter() - starts[0]) / len(starts)  # seconds a step, lately
+            stage_left = round(pace * (total - step))
+            run_left = stage_left + round(pace * sum(ctx.settings["stage_steps"][stage:]))  # at this pace
+            ctx.say(f"stage {stage} step {step}/{total} | loss {loss_value:.4f} | lr {lr:.1e} | {ms:.0f} ms "
+                    f"(data {data_ms:.0f}) | left: stage {timedelta(seconds=stage_left)}, "
+                    f"run {timedelta(seconds=run_left)}")
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, step_ms=round(ms, 2),
                                   data_ms=round(data_ms, 2), time=time.time())), file=ctx.log, flush=True)
         checkpoint = functools.partial(save, model, ctx, stage=stage, step=step, **parts)
@@ -274,8 +278,7 @@ def where_to_start(ctx):
     if last.exists():
         cfg, weights, state = blurdm.read_checkpoint(last)
         if "settings" not in state:
-            raise ValueError(f"{last}: saved by an older train.py; --init {last} starts from its weights (with "
-                             "another --out)")
+            raise ValueError(f"{last}: saved by an older train.py; --init {last} starts from its weights (another --out)")
         saved = state["settings"]
         if differing := [k for k in ctx.settings if saved.get(k) != ctx.settings[k]]:
             detail = ", ".join(blurdm.fingerprint_changes(saved.get(k), ctx.settings[k]) if k == "data" else
@@ -301,21 +304,10 @@ def where_to_start(ctx):
     if new_prior and stages[0] > 1:
         raise ValueError(f"{args.init}: a backbone without a prior; its prior networks train from stage 1 on")
     model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
-    blurdm.load_weights(model, weights, args.init, new_at_stage(stages[0]))
+    blurdm.load_weights(model, weights, args.init, blurdm.NEW_AT_STAGE[stages[0]])
     ctx.say(f"stage {stages[0]} starts from the weights of {args.init}" + (
         " (a backbone: the prior networks are new, their fusion starts as the identity)" if new_prior else ""))
     return model, stages, None
-
-
-def new_at_stage(stage):
-    """The weights a stage may start without (they keep their initial values): stage 1, every prior network
-    (a backbone gains them); stage 2, what it trains from scratch; stage 3, the sharp encoder it no longer uses.
-    Whatever a stage trains from must be in the file."""
-    if stage == 1:
-        return ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.", "deblurrer.prior_fusion.")
-    if stage == 2:
-        return tuple(f"{name}." for name in blurdm.STAGE_PARTS[2])
-    return ("sharp_encoder.",)
 
 
 def evaluate_test_split(ctx, splits):
@@ -349,7 +341,6 @@ def comma_numbers(kind, count):
     return comma_separated
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Stops and crashes: Ctrl-C and SIGTERM save first; an error is one line; no process outlives the run
 
 
@@ -367,8 +358,8 @@ def request_stop(ctx, signum, frame):
 
 
 def ignore_stop_signals(worker_id):  # Ctrl-C, or a SIGTERM to the process group: the main process alone decides
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def cli(argv=None):
@@ -388,8 +379,7 @@ def cli(argv=None):
             raise
     finally:  # a worker still busy ignores SIGTERM, which would hang the exit handler: kill it, expecting its end
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing interrupts this cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals(None)  # nothing interrupts this cleanup
         for child in multiprocessing.active_children():
             child.kill()
         if distributed := dist.is_initialized():
