@@ -43,6 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+TORCH_VERSION = tuple(int(n) for n in torch.__version__.split("+")[0].split(".")[:2])  # (2, 13)
+
+
 # --------------------------------------------------------------------------------------------------
 # Part I: the method
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +95,7 @@ PRESETS = {
     "tiny": dict(width=8, num_res=1, dropout=0.0, latent_dim=32, encoder_width=16,
                  encoder_blocks=1),  # for tests
 }
+
 
 # --------------------------------------------------------------------------------------------------
 # 2. Blur formation (METHOD.md §1): a camera integrates light while its shutter is open
@@ -162,6 +166,7 @@ def render_exposures(sharp, path, alpha):
     integrals = integrate_light(srgb_to_linear(sharp), theta, weights)
     B, e = integrals.split(len(alpha))
     return B / alpha.to(sharp).view(-1, 1, 1, 1, 1), e
+
 
 # --------------------------------------------------------------------------------------------------
 # 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape
@@ -234,6 +239,7 @@ class BlurDiffusion(nn.Module):
             e_hat, eps_hat = blur_estimator(x_t, t_frac, c), noise_estimator(x_t, t_frac, c)
             x_t = self.p_sample(x_t, t, e_hat, eps_hat)
         return x_t
+
 
 # --------------------------------------------------------------------------------------------------
 # 4. Latent prior networks (METHOD.md §4)
@@ -315,6 +321,7 @@ class PriorFusion(nn.Module):
     def forward(self, x, prior):
         k, v = self.to_scale_shift(prior.to(x.dtype))[:, :, None, None].chunk(2, 1)  # (B, C, 1, 1)
         return x * (1 + k) + v if self.residual else x * k + v
+
 
 # --------------------------------------------------------------------------------------------------
 # 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021), a prior fusion module per decoder level
@@ -447,6 +454,7 @@ class MIMOUNet(nn.Module):
         z = self.decode(2, self.squeeze[1](torch.cat([self.up[1](z), skip1], 1)), prior)
         out1 = self.to_image[2](z) + x
         return [out4, out2, out1]
+
 
 # --------------------------------------------------------------------------------------------------
 # 6. BlurDM: the latent prior on a deblurrer, its three training stages and losses (METHOD.md §4-5)
@@ -653,6 +661,9 @@ def image_batch(images, like):
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"deblur expects floats in [0, 1] (or uint8), got values in "
                          f"[{low:g}, {high:g}]")
+    if like.dtype == torch.float16 and like.device.type == "cpu" and TORCH_VERSION < (2, 3):
+        raise ValueError(f"deblur: a float16 model on the CPU needs torch >= 2.3 (torch "
+                         f"{torch.__version__} has no float16 convolutions there); use model.float()")
     return x.clamp(0, 1).to(like)
 
 
@@ -706,6 +717,7 @@ from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset
+
 
 # ------------------------------------------------------------------------------------------------------
 # 7. Large images in tiles, all modulated by one prior computed on the whole image
@@ -784,6 +796,7 @@ def tile_starts(length, tile, overlap):
     size = 8 * math.ceil((length + (n - 1) * overlap) / n / 8)
     return [min(i * (size - overlap), length - size) for i in range(n)], size
 
+
 def blend_ramp(size, overlap, rise, fall, device):
     """
     Blend weights along one axis of a tile. On a side with a neighbour the weight rises linearly across the middle
@@ -799,6 +812,7 @@ def blend_ramp(size, overlap, rise, fall, device):
         w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
     return w
 
+
 # ------------------------------------------------------------------------------------------------------
 # 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
 
@@ -807,6 +821,7 @@ def to_uint8(x):
     """[0, 1] float -> uint8, rounded: what a saved PNG holds and what the paper's metrics see."""
     return (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
 
+
 def psnr(x, y):
     """PSNR in dB between two uint8 RGB images (C, H, W), peak 255; inf when identical."""
     mse = (x.double() - y.double()).pow(2).mean().item()
@@ -814,10 +829,12 @@ def psnr(x, y):
 
 SSIM_RECIPE = "3-D SSIM (11x11x11 Gaussian, sigma 1.5, replicate padding; NAFNet ssim3d / MATLAB-equivalent)"
 
+
 def gaussian_window(size=11, sigma=1.5):
     r = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-r ** 2 / (2 * sigma ** 2))
     return g / g.sum()
+
 
 def ssim(x, y):
     """
@@ -842,6 +859,7 @@ def ssim(x, y):
     ssim_map = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
     return ssim_map.mean().item()
 
+
 @torch.inference_mode()
 def evaluate(model, images, device, stage=3, tile=2048):
     """(PSNR, SSIM) of the model's output for each (name, blur, sharp) of uint8 (3, H, W) images, as the paper's
@@ -855,6 +873,7 @@ def evaluate(model, images, device, stage=3, tile=2048):
             out = deblur_tiled(model, blur, tile)
         out = to_uint8(out[0])
         yield psnr(out, sharp_u8.to(device)), ssim(out, sharp_u8.to(device))
+
 
 # ------------------------------------------------------------------------------------------------------
 # 9. Checkpoints: this project's format; MIMO-UNet's and the official code's files converted; export
@@ -944,12 +963,12 @@ def safe_load(path, *, allowed=()):
         with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # garbage bytes surface as any of a dozen exception types
-        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):  # a class to import
-            named = next((c for c in allowed if f"{c.__module__}.{c.__name__}" in str(err)), None)
-            if named:
-                raise CheckpointError(f"{path}: holds a pickled {named.__module__}.{named.__name__}, "
-                                      f"which torch {torch.__version__} cannot load safely (torch >= "
-                                      "2.5 can)") from None
+        # a class to import: "GLOBAL argparse.Namespace" since torch 2.4, "Unsupported class ..." before
+        refused = re.search(r"(?:GLOBAL|Unsupported class) ([\w.]+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and refused:
+            if refused[1] in {f"{c.__module__}.{c.__name__}" for c in allowed}:
+                raise CheckpointError(f"{path}: holds a pickled {refused[1]}, which torch {torch.__version__} "
+                                      "cannot load safely (torch >= 2.5 can)") from None
             raise CheckpointError(f"{path}: refused, it holds Python objects that could run code "
                                   "(only weights_only checkpoints are loaded)") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (unreadable or truncated)") from None
@@ -1048,6 +1067,7 @@ def mimo_unet_names(num_res):
     names = {f"{a}.main.0.{p}": f"deblurrer.{b}.{p}" for a, b in modules.items() for p in ("weight", "bias")}
     return names | {f"Decoder.{i}.kv.weight": f"deblurrer.prior_fusion.{i}.to_scale_shift.weight" for i in range(3)}
 
+
 def official_prior_names(cfg):
     """{name in the official BlurDM code's diffusion (model_dm_state) and sharp encoder (model_le_state): ours}.
     Its LE_arch numbers the layers of one Sequential E (no placeholder where BatchNorm is left out); its estimators
@@ -1068,6 +1088,7 @@ def official_prior_names(cfg):
                                           for k in range(2, cfg.estimator_layers + 1)}
         names |= {f"{theirs}{a}.{p}": f"{ours}{b}.{p}" for a, b in layers.items() for p in ("weight", "bias")}
     return names
+
 
 def convert_foreign(path, checkpoint):
     """
@@ -1207,11 +1228,9 @@ class InferenceProgram(nn.Module):
 
 def export_program(model, path, seed=INFERENCE_SEED):
     """Save the whole inference path (blur encoder, reverse chain, deblurrer) as a torch.export program
-    (.pt2), any batch and image size; it runs without this file: torch.export.load(path).module()(x).
-    Needs torch >= 2.6 (torch.export.Dim.AUTO)."""
-    if not hasattr(torch.export, "Dim") or not hasattr(torch.export.Dim, "AUTO"):
-        raise RuntimeError(f"export_program needs torch >= 2.6 (torch.export.Dim.AUTO); this is torch "
-                           f"{torch.__version__}")
+    (.pt2), any batch and image size; it runs without this file: torch.export.load(path).module()(x)."""
+    if TORCH_VERSION < (2, 6):  # 2.5 has Dim.AUTO but cannot solve this program's symbolic sizes
+        raise RuntimeError(f"export_program needs torch >= 2.6; this is torch {torch.__version__}")
     example = torch.rand(2, 3, 70, 91)  # batch 2 and sizes off the multiple of 8: all stay symbolic
     auto = torch.export.Dim.AUTO
     with torch.no_grad():
@@ -1219,6 +1238,7 @@ def export_program(model, path, seed=INFERENCE_SEED):
                                       (example,), dynamic_shapes={"blurry": {0: auto, 2: auto, 3: auto}})
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
+
 
 # ------------------------------------------------------------------------------------------------------
 # 10. Files: images, and data sets on disk
@@ -1241,6 +1261,7 @@ def atomic_path(path):
     finally:
         tmp.unlink(missing_ok=True)
 
+
 def remove_stale_temps(folder):
     """Delete the temp files atomic_path left in `folder` when its process was killed (that PID no longer runs)."""
     for tmp in Path(folder).glob(".*.tmp*"):
@@ -1252,6 +1273,7 @@ def remove_stale_temps(folder):
                 tmp.unlink(missing_ok=True)
             except OSError:  # a process of another user: alive
                 pass
+
 
 def read_image(path, extras=False):
     """
@@ -1302,6 +1324,7 @@ def read_image(path, extras=False):
     grayscale = img.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
     return rgb, {"alpha": alpha, "icc_profile": img.info.get("icc_profile"), "grayscale": grayscale}
 
+
 def write_image(image, path, alpha=None, icc_profile=None):
     """Write (3, H, W) RGB or (1, H, W) grayscale in [0, 1], an optional alpha (1, H, W) and colour profile, as an
     8-bit image; the format follows the suffix (JPEG and BMP have no alpha; JPEG at quality 95)."""
@@ -1316,6 +1339,7 @@ def write_image(image, path, alpha=None, icc_profile=None):
     if icc_profile and suffix != ".bmp" and icc_profile[16:20] == (b"GRAY" if mode in ("L", "LA") else b"RGB "):
         options["icc_profile"] = icc_profile  # kept where its colour space (bytes 16-19 of its header) fits
     Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
+
 
 def walk(folder, recursive=True, depth=None):
     """
@@ -1334,6 +1358,7 @@ def walk(folder, recursive=True, depth=None):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive and (depth is None or level < depth) else []
         found += [Path(root) / f for f in files if not f.startswith(".")]
     return sorted(found)
+
 
 def glob_files(base, pattern, recursive=False):
     """
@@ -1355,6 +1380,7 @@ def glob_files(base, pattern, recursive=False):
         if matches(parts, pattern) or (folder and (recursive or folder == len(parts) - 1)):
             found.append(path)
     return found
+
 
 def list_images(folder, recursive=True):
     """Image files in `folder` (and its sub-folders), sorted, as walk() finds them."""
@@ -1447,10 +1473,12 @@ def find_pairs(root):
                                         f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     return splits, problems
 
+
 def fingerprint(root, splits):
     """A data set as a resumed run compares it: each file's path below `root`, size and mtime (cheap; names changes)."""
     files = sorted({p for pairs in splits.values() for pair in pairs for p in pair if p})
     return [[os.path.relpath(p, root), s.st_size, s.st_mtime_ns] for p, s in zip(files, map(os.stat, files))]
+
 
 def fingerprint_changes(before, now):
     """What differs between two fingerprints, in one line."""
@@ -1460,6 +1488,7 @@ def fingerprint_changes(before, now):
     changed = [f for f in sorted(before.keys() | now.keys()) if before.get(f) != now.get(f)]
     more = ", ..." * (len(changed) > 3)
     return f"data files added, removed or changed: {len(changed)} ({', '.join(changed[:3])}{more})"
+
 
 # ------------------------------------------------------------------------------------------------------
 # 11. Training samples: sharp photographs blurred as GoPro was made (METHOD.md §7), crops, recipes
@@ -1498,6 +1527,7 @@ def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120
     path = torch.cat([position, (math.radians(rotation) * ramp)[:, None], (math.log1p(zoom) * ramp)[:, None]], 1)
     return path - (path[(n - 1) // 2] + path[n // 2]) / 2
 
+
 def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
                     noise=(0.0, 0.01), window=None):
     """
@@ -1512,6 +1542,7 @@ def synthesize_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max
                                     window)
     blurry = blur_images(region[None], path[None], torch.tensor([len(path)]), noise[None])[0]
     return (blurry, centre(region, noise.shape[-2:])) if window else blurry
+
 
 def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0, max_zoom=0.02,
               noise=(0.0, 0.01), window=None):
@@ -1540,8 +1571,10 @@ def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotat
     noise = std * torch.randn(sharp.shape, generator=generator).to(sharp)  # drawn for the region, in its order
     return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
 
+
 def one_subframe_a_pixel(path_length):
     return 2 * math.ceil(path_length / 2) + 1  # odd: the middle sub-frame is the sharp image
+
 
 def blur_images(regions, paths, counts, noise):
     """
@@ -1557,6 +1590,7 @@ def blur_images(regions, paths, counts, noise):
     blurry = centre(linear_to_srgb(mean), noise.shape[-2:]) + noise
     return (blurry.clamp(0, 1) * 255).round() / 255
 
+
 def crop_reflected(image, top, left, h, w):
     """image[..., top:top + h, left:left + w] for a window that may leave the image: reflected there (replicated
     where the image is too small to reflect)."""
@@ -1564,6 +1598,7 @@ def crop_reflected(image, top, left, h, w):
     pad = (max(-left, 0), max(left + w - W, 0), max(-top, 0), max(top + h - H, 0))
     inside = image[..., max(top, 0):top + h, max(left, 0):left + w]
     return edge_pad(inside[None], pad)[0] if any(pad) else inside
+
 
 def centre(image, size):
     """The central (h, w) part of (..., H, W)."""
@@ -1584,6 +1619,7 @@ def load_pair(blur_path, sharp_path, min_size=1):
     if min(h, w) < min_size:
         raise ValueError(f"{name}: {w}x{h} is smaller than the {min_size}px crop")
     return blur, sharp
+
 
 class PairDataset(Dataset):
     """
@@ -1637,6 +1673,7 @@ class PairDataset(Dataset):
             blur, sharp = (x[:, top:top + c, left:left + c] / 255 for x in (blur, sharp))
         return torch.stack([blur, sharp])  # (2, 3, c, c): one transform for both
 
+
 def blur_batch_on_device(batch, device):
     """A collated batch of PairDataset(blur_on_device=True) items -> (blur, sharp), each (B, 3, c, c)
     in [0, 1] on `device`: the photographs blurred by one blur_images() of the batch, then turned and
@@ -1645,6 +1682,7 @@ def blur_batch_on_device(batch, device):
     pairs = torch.stack([blur_images(regions, paths, counts, noise), centre(regions, noise.shape[-2:])], 1)
     pairs = [torch.rot90(p.flip(-1) if f else p, t, (-2, -1)) for p, f, t in zip(pairs, flips.tolist(), turns.tolist())]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
 
 def validation_images(pairs, crop, seed, blur_length, say):
     """(name, blur, sharp) uint8 centre crops (crop 0: whole images); a photograph gets a fixed seeded blur."""
@@ -1666,8 +1704,10 @@ def validation_images(pairs, crop, seed, blur_length, say):
             blur, sharp = blur[:, top:top + h, left:left + w], sharp[:, top:top + h, left:left + w]
         yield blur_path or sharp_path, blur, sharp
 
+
 def mix_seed(*numbers):  # one 32-bit seed from any non-negative integers (a seed, a stage, a step), well mixed
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
 
 # ------------------------------------------------------------------------------------------------------
 # 12. Device, precision, errors
@@ -1681,6 +1721,7 @@ def has_native_bf16():
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
 
 def pick_device(name="auto"):
     """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N' -> torch.device; ValueError if CUDA is absent."""

@@ -185,7 +185,9 @@ def train_stage(model, stage, loader, state, ctx):
     total, parameters = ctx.settings["stage_steps"][stage - 1], model.set_stage(stage)
     optimizer = torch.optim.Adam(parameters, lr=ctx.recipe["lr"], fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1), eta_min=ctx.recipe["lr_min"])
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.args.amp == "fp16" and ctx.device.type == "cuda")
+    fp16 = ctx.args.amp == "fp16" and ctx.device.type == "cuda"  # torch.amp.GradScaler is torch 2.3's
+    scaler = (torch.amp.GradScaler("cuda", enabled=fp16) if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=fp16))
     parts = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     for name, part in parts.items() if state else ():
         part.load_state_dict(state[name])
