@@ -827,6 +827,7 @@ def psnr(x, y):
     mse = (x.double() - y.double()).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
+
 SSIM_RECIPE = "3-D SSIM (11x11x11 Gaussian, sigma 1.5, replicate padding; NAFNet ssim3d / MATLAB-equivalent)"
 
 
