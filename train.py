@@ -147,9 +147,9 @@ def main(argv=None):
 
 
 def setup(args, recipe):
-    """This process (rank, device, precision, output folder) as the context every step reads: settings (what a
-    resumed run must share with the one that saved), say (print on rank 0), log (log.jsonl on rank 0), best (best
-    validation PSNR of stages 2-3), stop (the signal that asked to stop), saved (what out/last.pt holds) ..."""
+    """This process (rank, device, precision, output folder) as the context every step reads; among it settings
+    (what a resumed run must share with the one that saved), say (print on rank 0), log (log.jsonl on rank 0), best
+    (best validation PSNR of stages 2-3), stop (the signal that asked to stop), saved (what out/last.pt holds)."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                              ("WORLD_SIZE", 1)))
     say = print if rank == 0 else (lambda *a, **k: None)
