@@ -835,6 +835,15 @@ def test_the_demo_weights_and_their_training_state_load_unchanged():
     assert all(torch.equal(v, state[1][k].half().float()) for k, v in weights.state_dict().items() if v.is_floating_point())
 
 
+def test_a_checkpoint_saved_before_a_config_field_was_renamed_loads_under_the_new_name(tmp_path, tiny):
+    blurdm.save_checkpoint(tmp_path / "new.pt", tiny)
+    checkpoint = torch.load(tmp_path / "new.pt", weights_only=True)
+    config = {**checkpoint["config"], "prior_loss": "charbonnier"}  # what files said before prior_distance
+    del config["prior_distance"]
+    torch.save({**checkpoint, "config": config}, tmp_path / "old.pt")
+    assert blurdm.load_model(tmp_path / "old.pt").cfg == replace(tiny.cfg, prior_distance="charbonnier")
+
+
 def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
