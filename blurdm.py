@@ -1017,9 +1017,8 @@ def read_checkpoint(path):
 # the weights a training stage may start without (they keep their initial values): stage 1, every prior
 # network (a published backbone has none); stage 2, what it trains from scratch; stage 3, the sharp encoder
 # it no longer uses. What a stage trains from must be in the file.
-NEW_AT_STAGE = {1: ("sharp_encoder.", "blur_encoder.", "blur_estimator.", "noise_estimator.",
-                    "deblurrer.prior_fusion."),
-                2: tuple(f"{name}." for name in STAGE_PARTS[2]),
+PRIOR_NETWORKS = tuple(f"{name}." for name in STAGE_PARTS[2])  # stage 2 trains them from scratch
+NEW_AT_STAGE = {1: ("sharp_encoder.", *PRIOR_NETWORKS, "deblurrer.prior_fusion."), 2: PRIOR_NETWORKS,
                 3: ("sharp_encoder.",)}
 
 

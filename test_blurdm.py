@@ -258,6 +258,13 @@ def _sample_save(path, h=24, w=40, seed=0, mode="RGB"):
     return path
 
 
+def _photos(folder, count):
+    """A folder of `count` sharp 80 x 80 photographs p0.png, p1.png, ...; returns the folder."""
+    for k in range(count):
+        _sample_save(Path(folder) / f"p{k}.png", 80, 80, seed=k)
+    return Path(folder)
+
+
 def _sample_png16(path, arr, size=None):
     """
     Write a 16-bit PNG (H, W, C) uint16 by hand (Pillow cannot write 16-bit RGB). `size` (W, H) overrides the size in
@@ -1211,9 +1218,7 @@ def test_a_folder_of_photographs_is_recursive_unpaired_and_split_by_train_and_te
 
 
 def test_a_folder_of_photographs_leaves_out_sample_outputs_and_says_how_many(tmp_path):
-    photos = tmp_path / "photos"
-    for k in range(3):
-        _sample_save(photos / f"p{k}.png", 80, 80, seed=k)
+    photos = _photos(tmp_path / "photos", 3)
     _sample_save(photos / "p0_deblurred.png", 80, 80, seed=9)
     splits, problems = blurdm.find_pairs(photos)
     assert sorted(Path(s).name for _, s in splits["train"]) == ["p0.png", "p1.png", "p2.png"]
@@ -1366,11 +1371,8 @@ def test_train_three_stages_end_to_end_give_a_checkpoint_sample_py_loads(tmp_pat
 
 
 def test_train_log_lines_say_the_steps_of_the_stage_and_the_time_left_and_the_end_the_time_taken(tmp_path, capsys):
-    for k in range(2):
-        _sample_save(tmp_path / "photos" / f"p{k}.png", 80, 80, seed=k)
-    assert _train(["--data", tmp_path / "photos", "--preset", "tiny", "--out", tmp_path / "o", "--iters", "2,1,2",
-                   "--device", "cpu", "--val-count", "0", "--crop", "32", "--blur-length", "4,8",
-                   "--log-every", "1"]) == 0
+    assert _train(["--data", _photos(tmp_path / "photos", 2), "--out", tmp_path / "o", *_FAST, "--iters", "2,1,2",
+                   "--val-count", "0", "--blur-length", "4,8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     steps = [line for line in lines if " step " in line and line.startswith("stage")]
     assert [line.split(" | ")[0] for line in steps] == ["stage 1 step 1/2", "stage 1 step 2/2", "stage 2 step 1/1",
@@ -1493,11 +1495,9 @@ def test_train_resume_refuses_changed_photographs_amp_added_and_takes_the_same_f
 
 
 def test_train_resume_refuses_a_file_whose_modification_time_alone_changed(tmp_path, capsys):
-    photos = tmp_path / "photos"
-    for k in range(2):
-        _sample_save(photos / f"p{k}.png", 80, 80, seed=k)
-    args = ["--data", photos, "--preset", "tiny", "--out", tmp_path / "o", "--iters", "1,0,0", "--device", "cpu",
-            "--val-count", "0", "--crop", "32", "--blur-length", "4,8"]
+    photos = _photos(tmp_path / "photos", 2)
+    args = ["--data", photos, "--out", tmp_path / "o", *_FAST, "--iters", "1,0,0", "--val-count", "0",
+            "--blur-length", "4,8"]
     assert _train(args) == 0
     stat = os.stat(photos / "p1.png")
     os.utime(photos / "p1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, a later mtime
