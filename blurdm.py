@@ -698,8 +698,15 @@ def safe_load(path):
     allow = nullcontext()
     if hasattr(torch.serialization, "safe_globals"):
         allow = torch.serialization.safe_globals([argparse.Namespace])
-    with allow:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with allow:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch's message would advise weights_only=False: running code
+        why = re.search(r"(?i)unsupported (?:global: )?GLOBAL [\w.]+", str(err))
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint"
+                         + (f" ({why[0]}, which could run code)" if why else "")) from None
 
 def read_checkpoint(path):
     """A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the
