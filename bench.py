@@ -1,9 +1,8 @@
 """
-Benchmark BlurDM: deblurring one image (and the prior's share of it), and one stage-3 training
-step at the preset's recipe, its data made as train.py makes it from photographs. For each: time,
-FLOPs of the model, FLOP/s as a share of this machine's own large-matmul rate in the same precision
-(an MFU against the machine it runs on), peak memory (CUDA: max allocated; CPU: max RSS of the
-process so far, so it never goes down from one row to the next).
+Benchmark BlurDM: deblurring an image (and the prior's share of it), and a stage-3 training step
+at the preset's recipe, data made as train.py makes it from photographs. Each: time, the model's
+FLOPs, FLOP/s as a share of this machine's own large-matmul rate in the same precision, and peak
+memory (CUDA: max allocated; CPU: the max RSS of the process so far, so it never goes down).
 
     python bench.py                                  # demo on a CPU, paper on CUDA; fp32 and auto
     python bench.py --preset tiny --amp fp32 --no-train
@@ -14,31 +13,50 @@ import json
 import resource
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
-from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 import blurdm
 
 PHOTO = str(Path(__file__).resolve().parent / "assets" / "example_sharp.png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+p.add_argument("--preset", choices=list(blurdm.PRESETS), help="default: demo; on CUDA: paper")
+p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+p.add_argument("--amp", nargs="+", default=["fp32", "auto"], choices=["auto", *DTYPES])
+p.add_argument("--size", default="1280x720", help="WxH of the image to deblur")
+p.add_argument("--repeat", type=int, default=3, help="deblur: the best of this many runs")
+p.add_argument("--steps", type=int, default=3, help="training: the mean of this many steps")
+p.add_argument("--batch", type=int, help="default: the preset's training recipe")
+p.add_argument("--crop", type=int, help="default: the preset's training recipe")
+p.add_argument("--no-train", action="store_true", help="skip the training step")
+p.add_argument("--compile", action="store_true", help="torch.compile the deblurrer")
+p.add_argument("--json", help="write the rows to this file")
+args = p.parse_args()
+device = blurdm.pick_device(args.device)
+cuda = device.type == "cuda"
+preset = args.preset or ("paper" if cuda else "demo")
+recipe = blurdm.TRAINING_RECIPES[preset]
+batch, crop = args.batch or recipe["batch_size"], args.crop or recipe["crop"]
+W, H = map(int, args.size.split("x"))
 
-def sync(device):
-    if device.type == "cuda":
+def clock():  # seconds, once the device is done
+    if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter()
 
-def timed(fn, device, n, reduce=min):
-    """Seconds: reduce (the best, or the mean) of n runs of fn after one warm-up run."""
+def timed(fn, n, reduce=min):
+    """reduce (min: the best; or the mean) of the seconds of n runs of fn after a warm-up run."""
     fn()
+    if cuda:  # the peak of these runs
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(n):
-        sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return reduce(times)
 
 def count_flops(fn):
@@ -46,37 +64,62 @@ def count_flops(fn):
         fn()
     return counter.get_total_flops()
 
-def bench(args, device, precision, rate):
-    """Yields the rows of one precision (deblur, training step), each printed as it is measured."""
+def report(precision, what, seconds, flops, note="", **extra):
+    share = flops / seconds / matmul[precision]
+    peak = torch.cuda.max_memory_allocated() if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(f"{preset} {precision} | {what} {seconds:.3g} s{note} | {flops / 1e12:.3g} TFLOP | "
+          f"{flops / seconds / 1e12:.3g} TFLOP/s = {100 * share:.0f} % of matmul | "
+          f"peak {peak / 2 ** 20:.0f} MiB", flush=True)
+    rows.append(dict(preset=preset, precision=precision, what=what, seconds=seconds, flops=flops,
+                     matmul_share=share, peak_MiB=peak / 2 ** 20, **extra))
+
+# this machine's own rate: the FLOP/s of a large matmul, in each precision that runs here
+n, matmul = 4096 if cuda else 1024, dict.fromkeys(blurdm.autocast(device, a)[1] for a in args.amp)
+for precision in matmul:
+    a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
+    matmul[precision] = 2 * n ** 3 / timed(lambda: a @ a, 10)
+name = torch.cuda.get_device_name(device) if cuda else next(
+    (line.split(":")[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+print(f"{name} | torch {torch.__version__}, {torch.get_num_threads()} threads | matmul {n}² " +
+      ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in matmul.items()) +
+      f" | peak: {'max allocated' if cuda else 'max RSS'}", flush=True)
+
+rows = []
+for precision in matmul:
     ctx = blurdm.autocast(device, precision)[0]
     torch.manual_seed(0)
-    model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(args.preset)).to(device)
-    W, H = map(int, args.size.split("x"))
-    x = torch.rand(1, 3, H, W, device=device)
-    recipe = blurdm.TRAINING_RECIPES[args.preset]
-    batch, crop = args.batch or recipe["batch_size"], args.crop or recipe["crop"]
-    ds = blurdm.PairDataset([(None, PHOTO)], crop, blurdm.BLUR_LENGTH, 0)
+    model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(preset)).to(device)
     optimizer = torch.optim.Adam(model.set_stage(3), lr=1e-4)
-    data_s = []
+    dataset = blurdm.PairDataset([(None, PHOTO)], crop, blurdm.BLUR_LENGTH, 0)
+    x, steps, data_s = torch.rand(1, 3, H, W, device=device), iter(range(-1, args.steps + 1)), []
 
-    def train_step(step, flops=False):  # as train.py: a step's crops, blurred on `device`, learnt
-        t0 = time.perf_counter()
-        items = default_collate([ds[(3, step, k)] for k in range(batch)])
-        blur, sharp = blurdm.training_batch(items, device)
-        sync(device)
-        data_s.append(time.perf_counter() - t0)
-        with FlopCounterMode(display=False) if flops else ctx  # the model part only
+    def train_step():
+        t0 = time.perf_counter()  # the data as train.py makes it: a step's crops, blurred on device
+        items = [dataset[(3, next(steps), k)] for k in range(batch)]
+        blur, sharp = blurdm.training_batch(torch.utils.data.default_collate(items), device)
+        data_s.append(clock() - t0)
         with ctx:
             loss = model(blur, sharp, stage=3)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def report(what, seconds, flops, note="", **extra):
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        print(f"{args.preset} {precision} | {what} {seconds:.3g} s{note} | {flops / 1e12:.3g} TFLOP"
-              f" | {flops / seconds / 1e12:.3g} TFLOP/s = {100 * flops / seconds / rate:.0f} % of "
-              f"matmul | peak {peak / 2 ** 20:.0f} MiB {MEMORY[device.type]}", flush=True)
-        return dict(preset=args.preset, precision=precision, what=what, seconds=seconds, flops=flops,
-                    of_matmul=flops / seconds / rate, peak_MiB=peak / 2 ** 20, **extra)
+    flops = count_flops(lambda: model.deblur(x)), count_flops(train_step)  # eager; data: 0 FLOPs
+    if args.compile:
+        model.deblurrer = torch.compile(model.deblurrer)
+    with ctx, torch.inference_mode():
+        noise, padded = model.start_noise(1, blurdm.INFERENCE_SEED), blurdm.pad_to(x, 8)
+        prior = timed(lambda: model.sharp_prior(padded, noise), args.repeat)
+        seconds = timed(lambda: model.deblur(x), args.repeat)  # last: the peak is deblur's
+    report(precision, f"deblur {W}x{H}", seconds, flops[0],
+           f" | prior {100 * prior / seconds:.0f} %", prior_share=prior / seconds)
+    if not args.no_train:
+        seconds = timed(train_step, args.steps, mean)
+        data = mean(data_s[-args.steps:])
+        report(precision, f"train step {batch}x{crop}²", seconds, flops[1],
+               f" (data {data:.2f} s)", data_seconds=data)
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                       compile=args.compile, matmul=matmul, rows=rows), f, indent=1)

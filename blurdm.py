@@ -74,13 +74,15 @@ class BlurDMConfig:
     prior_distance: str = "l1"  # stage 2's loss: the paper's L1 (official: "charbonnier")
 
     def __post_init__(self):  # what no network or schedule can be built from
-        needs = {"T >= 1": self.T >= 1, "0 < alpha_start < alpha_end (the reverse step divides by α)":
-                 0 < self.alpha_start < self.alpha_end,
-                 "beta_start, beta_end >= 0": min(self.beta_start, self.beta_end) >= 0,
-                 "widths, blocks and layers >= 1": min(self.width, self.num_res, self.latent_dim,
-                                                       self.encoder_width, self.estimator_layers) >= 1,
+        sizes = self.width, self.num_res, self.latent_dim, self.encoder_width, self.estimator_layers
+        needs = {"T >= 1": self.T >= 1, "beta_start, beta_end >= 0": min(self.beta_start,
+                                                                         self.beta_end) >= 0,
+                 "0 < alpha_start < alpha_end (the reverse step divides by α)":
+                     0 < self.alpha_start < self.alpha_end,
+                 "widths, blocks and layers >= 1": min(sizes) >= 1,
                  "beta_bar_rule 'paper' or 'official'": self.beta_bar_rule in ("paper", "official"),
-                 "prior_distance 'l1' or 'charbonnier'": self.prior_distance in ("l1", "charbonnier")}
+                 "prior_distance 'l1' or 'charbonnier'": self.prior_distance in ("l1",
+                                                                                 "charbonnier")}
         unmet = [need for need, met in needs.items() if not met]
         if unmet:
             raise ValueError(f"BlurDMConfig needs {'; '.join(unmet)}")
@@ -114,7 +116,7 @@ def linear_to_srgb(x):
 
 def affine_theta(path, height, width):
     """Camera path rows (..., 4): shift dx, dy in pixels, rotation in radians, log zoom -> the
-    affine matrices (..., 2, 3) of grid_sample: the shift, and rotation and zoom about the centre."""
+    affine matrices (..., 2, 3) of grid_sample: shift, rotation and zoom about the centre."""
     dx, dy, angle, log_zoom = path.unbind(-1)
     cos, sin = log_zoom.exp() * angle.cos(), log_zoom.exp() * angle.sin()
     aspect = height / width
@@ -223,7 +225,7 @@ class BlurDiffusion(nn.Module):
         return (a[t] * x_t - e_hat) / a[t - 1] - noise_coefficient * eps_hat  # Eq. (3.1)
 
     def p_sample_loop(self, x_T, c, blur_estimator, noise_estimator):
-        """The reverse chain t = T..1 -> x_0; each estimator is called as estimator(x_t, t / T, c)."""
+        """The reverse chain t = T..1 -> x_0; each estimator is called as est(x_t, t / T, c)."""
         x_t = x_T
         for t in range(self.T, 0, -1):
             t_frac = torch.full((len(x_t), 1), t / self.T, dtype=x_t.dtype, device=x_t.device)
@@ -256,7 +258,8 @@ class LatentEncoder(nn.Module):
         w, d = cfg.encoder_width, cfg.latent_dim
         lrelu = lambda: nn.LeakyReLU(0.1)
         self.stem = nn.Sequential(nn.Conv2d(2 * 48, w, 3, padding=1), lrelu())
-        self.blocks = nn.Sequential(*[EncoderBlock(w, batch_norm) for _ in range(cfg.encoder_blocks)])
+        self.blocks = nn.Sequential(*[EncoderBlock(w, batch_norm)
+                                      for _ in range(cfg.encoder_blocks)])
         self.head = nn.Sequential(
             nn.Conv2d(w, 2 * w, 3, padding=1), lrelu(),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), lrelu(),
@@ -340,7 +343,7 @@ class ShallowConv(nn.Module):
         return self.out(torch.cat([image, self.body(image)], 1))
 
 class FeatureAttention(nn.Module):
-    """FAM: x + conv(x ⊙ z), encoder features x merged with the scaled input's shallow features z."""
+    """FAM: x + conv(x ⊙ z), encoder features x merged with the scaled input's features z."""
 
     def __init__(self, channels):
         super().__init__()
@@ -387,7 +390,8 @@ class MIMOUNet(nn.Module):
         self.up = nn.ModuleList([basic_conv(4 * c, 2 * c, 4, stride=2, transpose=True),
                                  basic_conv(2 * c, c, 4, stride=2, transpose=True)])
         self.squeeze = nn.ModuleList([basic_conv(4 * c, 2 * c, 1), basic_conv(2 * c, c, 1)])
-        self.to_image = nn.ModuleList([basic_conv(ch, 3, 3, relu=False) for ch in (4 * c, 2 * c, c)])
+        self.to_image = nn.ModuleList([basic_conv(ch, 3, 3, relu=False)
+                                       for ch in (4 * c, 2 * c, c)])
         for layer in self.to_image:  # start as the identity (out = input) (official: random)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -405,8 +409,8 @@ class MIMOUNet(nn.Module):
         x2 = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2))  # nearest, as all inside
         x4 = F.interpolate(x2, size=(x2.shape[-2] // 2, x2.shape[-1] // 2))
         f1 = self.encoders[0](self.stem(x))  # (B, c, H, W)
-        f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # (B, 2c, ..)
-        f3 = self.encoders[2](self.attention[1](self.down[1](f2), self.shallow[1](x4)))  # (B, 4c, ..)
+        f2 = self.encoders[1](self.attention[0](self.down[0](f1), self.shallow[0](x2)))  # 2c, H/2
+        f3 = self.encoders[2](self.attention[1](self.down[1](f2), self.shallow[1](x4)))  # 4c, H/4
         skip2 = self.dropout(self.fusion[1]((f1, f2, f3), f2.shape[-2:]))
         skip1 = self.dropout(self.fusion[0]((f1, f2, f3), f1.shape[-2:]))
 
@@ -472,9 +476,8 @@ class BlurDM(nn.Module):
     or None, with PriorFusion modules where its decoder takes the prior. Images enter and leave in
     [0, 1]. Training (METHOD.md §5): forward(blur, sharp, stage) returns the stage's loss.
         1. prior Z^S = SE(blur, sharp); SE and the deblurrer learn the deblurring loss;
-        2. prior Z_0^B = chain(BE(blur)), target Z^S, SE frozen; BE and both estimators learn L_prior;
-        3. prior Z_0^B = chain(BE(blur)); BE, the estimators and the deblurrer learn the deblurring
-           loss.
+        2. prior Z_0^B = chain(BE(blur)), target Z^S, SE frozen; BE, estimators learn L_prior;
+        3. prior Z_0^B = chain(BE(blur)); BE, estimators and deblurrer learn the deblurring loss.
     Inference: deblur(blurry).
     """
 
@@ -588,12 +591,9 @@ PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-do
 
 @torch.inference_mode()
 def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
-    """
-    model.deblur in tiles of `tile` px (0: whole), each modulated by the whole image's prior, as the
-    untiled run is. Neighbours share `overlap` px, and each keeps its half of it, away from its own
-    border; tiles start on multiples of 8, where the untiled run has its 1/2 and 1/4 sampling
-    grids. Takes and returns what deblur does.
-    """
+    """model.deblur in tiles of `tile` px (0: whole), all modulated by the whole image's prior.
+    Neighbours share `overlap` px, each keeping the half away from its border; tiles start on
+    multiples of 8, where the untiled run has its 1/2 and 1/4 sampling grids."""
     if tile and (tile < max(64, 2 * overlap) or overlap < 0):
         raise ValueError(f"tile={tile} must be 0, or at least 64 and twice overlap={overlap} >= 0")
     x = blurry[None] if blurry.dim() == 3 else blurry
@@ -634,12 +634,9 @@ def psnr(x, y):
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 def ssim(x, y):
-    """
-    The 3-D SSIM of the BlurDM tables (MATLAB's ssim on an RGB array; NAFNet's ssim3d) between two
-    uint8 RGB images (C, H, W): one H x W x C volume of floats in [0, 255], filtered by the
-    separable 11x11x11 Gaussian (σ 1.5) with replicate padding of 5 on all three axes, C1 =
-    (0.01·255)², C2 = (0.03·255)²; the map is averaged over every voxel.
-    """
+    """The 3-D SSIM of the BlurDM tables (MATLAB's ssim on an RGB array, NAFNet's ssim3d) of two
+    uint8 RGB images (C, H, W): one H x W x C volume, a separable 11x11x11 Gaussian (σ 1.5) with
+    replicate padding of 5 on all three axes, the map averaged over every voxel (METHOD.md §6)."""
     g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=x.device) - 5) ** 2 / 4.5)
     g = g / g.sum()
 
@@ -695,11 +692,9 @@ def save_checkpoint(path, model, **extra):
 def safe_load(path):
     """torch.load(weights_only=True): a checkpoint cannot run code. The official BlurDM files
     pickle an argparse.Namespace, the one class let through (torch >= 2.5 can)."""
-    allow = nullcontext()
-    if hasattr(torch.serialization, "safe_globals"):
-        allow = torch.serialization.safe_globals([argparse.Namespace])
+    allow = getattr(torch.serialization, "safe_globals", lambda classes: nullcontext())
     try:
-        with allow:
+        with allow([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
@@ -712,12 +707,12 @@ def read_checkpoint(path):
     """A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the
     file's dict); MIMO-UNet's and the official BlurDM code's files are converted."""
     checkpoint = safe_load(path)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a checkpoint (a {type(checkpoint).__name__})")
     if checkpoint.get("format") != "blurdm":
         return (*convert_foreign(Path(path), checkpoint), checkpoint)
-    renamed = {"prior_loss": "prior_distance"}  # older files' names; their recipe fields are left
-    stored = {renamed.get(k, k): v for k, v in checkpoint["config"].items()}
+    stored = dict(checkpoint["config"])
+    old = stored.pop("prior_loss", None)  # the field's name in older files
+    if old is not None and stored.setdefault("prior_distance", old) != old:
+        raise ValueError(f"{path}: its config's prior_loss and prior_distance disagree")
     config = {f.name: stored[f.name] for f in fields(BlurDMConfig) if f.name in stored}
     return BlurDMConfig(**config), checkpoint["model"], checkpoint
 
@@ -771,7 +766,8 @@ def official_prior_names(cfg):
         layers = {"E.0": "stem.0", f"E.{n + 2}": "head.0", f"E.{n + 4}": "head.2",
                   f"E.{n + 6}": "head.4", "mlp.0": "head.8", "mlp.2": "head.10"}
         pairs = ((0, 0), (1, 1), (3, 3), (4, 4)) if bn else ((0, 0), (2, 3))
-        layers |= {f"E.{j + 2}.body.{a}": f"blocks.{j}.body.{b}" for j in range(n) for a, b in pairs}
+        layers |= {f"E.{j + 2}.body.{a}": f"blocks.{j}.body.{b}"
+                   for j in range(n) for a, b in pairs}
         for a, b in layers.items():
             norm = ("running_mean", "running_var", "num_batches_tracked") * bn * (b[-1] in "14")
             names |= {f"{theirs}{a}.{p}": f"{ours}{b}.{p}" for p in ("weight", "bias", *norm)}
@@ -783,17 +779,15 @@ def official_prior_names(cfg):
     return names
 
 def convert_foreign(path, checkpoint):
-    """
-    MIMO-UNet's files ({'model': weights}, or its model.pkl with optimizer state) and the official
-    BlurDM code's (a stage-3 last_*.pth with model_state and model_dm_state; or final_deblur_*.pth,
-    whose final_dm_*.pth and final_le_*.pth beside it are read too) -> (config, state dict in our
-    names). MIMO-UNet sees [0, 1] (input_offset 0), BlurDM [-0.5, 0.5]; the BlurDM files were
-    trained with the official β̄ and the Charbonnier prior loss.
-    """
+    """MIMO-UNet's files ({'model': weights}) and the official BlurDM code's (last_*.pth with
+    model_state and model_dm_state, or final_deblur_*.pth with final_dm_*.pth and final_le_*.pth
+    beside it) -> (config, weights in our names). MIMO-UNet sees [0, 1], BlurDM [-0.5, 0.5],
+    trained with the official β̄ and Charbonnier prior loss."""
     parts = {}
     for key, part, prefix in (("model_state", "deblur", ""), ("model_dm_state", "dm", ""),
                               ("model_le_state", "le", "le.")):
-        sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_", path.name))
+        sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_",
+                                        path.name))
         source = checkpoint
         if key not in checkpoint and sibling != path and sibling.is_file():
             source = safe_load(sibling)
@@ -827,11 +821,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 DEBLURRED_TAG = "_deblurred"  # sample.py writes <stem>_deblurred.png: folder scans leave them out
 
 def read_image(path, extras=False):
-    """
-    An image file -> float RGB (3, H, W) in [0, 1], EXIF orientation applied, at the file's full
-    range (16-bit grayscale keeps its precision; floats in [0, 1], or holding 8-bit values); a range
-    that fits none is refused. With extras: (rgb, {"icc_profile", "grayscale"}).
-    """
+    """An image file -> float RGB (3, H, W) in [0, 1] at the file's full range (16-bit gray kept;
+    floats in [0, 1] or holding 8-bit values; any other range refused), EXIF orientation applied.
+    With extras: (rgb, {"icc_profile": bytes or None, "grayscale": bool})."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
@@ -841,7 +833,8 @@ def read_image(path, extras=False):
         gray = np.asarray(img, dtype=np.float64)
         low, high = gray.min(), gray.max()  # NaN fails every test below
         if img.mode == "F":  # floats in [0, 1], or 8-bit values stored as floats
-            scale = 1.0 if high <= 1 else 255.0 if high <= 255 and (gray == gray.round()).all() else 0
+            bytes_ = high <= 255 and (gray == gray.round()).all()
+            scale = 1.0 if high <= 1 else 255.0 if bytes_ else 0
         else:
             scale = 65535.0 if high <= 65535 else 0
         if not (low >= 0 and scale):
@@ -877,50 +870,47 @@ def list_images(folder):
 PARTNER = {"blur": "sharp", "input": "target"}  # GoPro (blur_gamma unused), its flat copy
 
 def find_pairs(root):
-    """
-    A data set on disk -> ({split: [(blurry path or None, sharp path)]}, [problems, a line each]).
-    Pairs by name, never by position: an image under blur/ (input/) with the file of the same path,
-    any suffix, under sharp/ (target/); HIDE's with the file of its name in GT/; RealBlur's as its
-    RealBlur_{J,R}_{train,test}_list.txt say. Otherwise sharp photographs (blurry None). The split
-    is the nearest train/ or test/ folder above a file (train if none).
-    """
-    root, splits, problems, used, unpaired = Path(root), {}, [], set(), []
+    """A data set -> ({split: [(blurry path or None, sharp path)]}, [problems]), paired by name:
+    blur/ (input/) with the same path under sharp/ (target/), any suffix; HIDE with GT/; RealBlur as
+    its RealBlur_*_{train,test}_list.txt say; else sharp photographs (None). The split: the nearest
+    train/ or test/ folder above a file (train if none)."""
+    root, splits, problems, unpaired = Path(root), {}, [], []
     lists = sorted(root.glob("RealBlur_*_*_list.txt"))[:2]  # RealBlur-J where both are
     for list_file in lists:
         rows = [line.split()[:2] for line in list_file.read_text().splitlines() if line.strip()]
-        pairs = [(str(root / blur), str(root / gt)) for gt, blur in rows]
-        missing = {p for pair in pairs for p in pair if not Path(p).is_file()}
-        if missing:
-            problems.append(f"{list_file}: {len(missing)} files it names are missing")
+        pairs = [(root / blur, root / gt) for gt, blur in rows]
+        unpaired += [b for b, s in pairs if not (b.is_file() and s.is_file())]
         splits["test" if "_test_" in list_file.name else "train"] = [
-            pair for pair in pairs if not missing & set(pair)]
+            (str(b), str(s)) for b, s in pairs if b.is_file() and s.is_file()]
     images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p
                                for p in list_images(root)}
     gt = {key.split("/")[-1]: p for key, p in images.items() if "/GT/" in f"/{key}"}
-    split_of = lambda parts: next((f for f in parts[-2::-1] if f in ("train", "test")), "train")
+    used = set()
     for key, path in images.items():
-        parts = key.split("/")
-        i = max((i for i, part in enumerate(parts[:-1]) if part in PARTNER), default=None)
+        *folders, stem = key.split("/")
+        i = max((i for i, f in enumerate(folders) if f in PARTNER), default=None)
         if i is not None:
-            partner = images.get("/".join([*parts[:i], PARTNER[parts[i]], *parts[i + 1:]]))
-        elif gt and "GT" not in parts and {"train", "test"} & set(parts):
-            partner = gt.get(parts[-1])  # HIDE
+            folders[i] = PARTNER[folders[i]]
+            partner = images.get("/".join([*folders, stem]))
+        elif gt and "GT" not in folders and {"train", "test"} & set(folders):
+            partner = gt.get(stem)  # HIDE
         else:
             continue
         used |= {path, partner}
+        split = next((f for f in reversed(folders) if f in ("train", "test")), "train")
+        splits.setdefault(split, []).append((str(path), str(partner)))
         if partner is None:
-            unpaired.append(path)
-        else:
-            splits.setdefault(split_of(parts), []).append((str(path), str(partner)))
+            unpaired.append(splits[split].pop()[0])
     left = [p for key, p in images.items() if p not in used and not {"blur_gamma", "GT"} & {
-        *key.split("/")}]
+        *key.split("/")}] if used else []
     for what, files in (("blurry images without a sharp partner", unpaired),
-                        ("images outside the pairs, not used", left if used else [])):
+                        ("images outside the pairs, not used", left)):
         if files:
             problems.append(f"{root}: {len(files)} {what} ({files[0]}, ...)")
-    if not used:  # sharp photographs, blurred on the fly
-        for key, path in images.items():
-            splits.setdefault(split_of(key.split("/")), []).append((None, str(path)))
+    for key, path in images.items() if not used else ():  # sharp photographs, blurred on the fly
+        folders = key.split("/")[:-1]
+        split = next((f for f in reversed(folders) if f in ("train", "test")), "train")
+        splits.setdefault(split, []).append((None, str(path)))
     splits = {split: pairs for split, pairs in splits.items() if pairs}
     if not splits:
         raise ValueError(f"{root}: no images, nor blurry/sharp pairs, found")
@@ -940,14 +930,10 @@ TRAINING_RECIPES = {
 BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, slight to strong
 
 def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120.0, generator=None):
-    """
-    A random camera path over one exposure: (N, 4) float64, a row a sub-frame: shift dx, dy in
-    pixels, rotation in radians, log zoom. The camera moves `length` px at constant speed along a
-    heading that turns smoothly (its rate of turn a random walk, `turn` degrees its typical total):
-    the lines, arcs and S-curves of hand-held blur. `rotation` (degrees) and `zoom` (relative) over
-    the exposure make the blur vary across the image. The sharp image is the path's time centre,
-    the middle sub-frame: at constant speed, the middle of the streak, so it can be learnt (§7).
-    """
+    """A camera path (N, 4) float64, a row a sub-frame (dx, dy px, rotation rad, log zoom): `length`
+    px at constant speed along a heading that turns smoothly (the rate of turn a random walk), so
+    the time centre, the sharp image, is the streak's middle (METHOD.md §7); `rotation` degrees and
+    `zoom` over the exposure make the blur vary across the image."""
     n, f64 = num_subframes, dict(generator=generator, dtype=torch.float64)
     rate = torch.randn((), **f64) + torch.cumsum(torch.randn(n, **f64), 0) / math.sqrt(n)
     heading = 2 * math.pi * torch.rand((), **f64) + torch.cumsum(rate, 0) * math.radians(turn) / n
@@ -959,12 +945,9 @@ def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120
 
 def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotation=2.0,
               max_zoom=0.02, noise=(0.0, 0.01), window=None):
-    """
-    The random draws of a synthetic blur of sharp sRGB (3, H, W), uint8 or in [0, 1] -> (region in
-    [0, 1], path (N, 4), sensor noise (3, h, w)). With window=(top, left, h, w), the region is that
-    window and a margin of half the longest path plus 8 px, so that the resampling's border stays
-    outside it. A rotation and zoom on half the draws; subframes=None: one a pixel of path.
-    """
+    """The random draws of a synthetic blur of sRGB (3, H, W), uint8 or in [0, 1] -> (region in
+    [0, 1], path, noise (3, h, w)); window=(top, left, h, w): that window and a margin (half the
+    longest path + 8 px) that keeps the resampling's border out; subframes=None: one a path px."""
     if window is not None:
         top, left, h, w = window
         m = math.ceil(length[1] / 2) + 8
@@ -985,12 +968,9 @@ def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotat
     return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
 
 def blur_images(regions, paths, counts, noise):
-    """
-    The training renderer: a batch of blurred images, each along its own camera path. regions
-    (n, 3, H, W) sRGB in [0, 1]; paths (n, N, 4) whose first counts[i] rows are image i's
-    sub-frames -> (n, 3, h, w) sRGB: render_exposures' integral over the whole path (the mean of
-    the sub-frames in linear light, B_T), its centre (h, w) = noise's, plus noise, in 8 bits.
-    """
+    """Blurred sRGB (n, 3, h, w): regions (n, 3, H, W) moved along paths (n, N, 4), of counts[i]
+    sub-frames each: render_exposures' integral over the whole path (B_T), the centre (h, w) of
+    noise's size, plus noise, in 8 bits."""
     k = torch.arange(paths.shape[1], device=counts.device)
     weights = (k < counts[:, None]) / counts[:, None]  # (n, N): a shorter path's extra rows weigh 0
     theta = affine_theta(paths, *regions.shape[-2:])  # (n, N, 2, 3)
@@ -1020,13 +1000,9 @@ def load_pair(blur_path, sharp_path):
     return blur, sharp
 
 class PairDataset(Dataset):
-    """
-    Item (stage, step, k) -> the k-th sample of a step, every draw seeded by the item (a resumed
-    run sees the same crops): a random crop of a pair, turned and flipped, as (blur, sharp) in
-    [0, 1]; of a photograph, the crop with its margin, camera path, sub-frame count and noise,
-    for training_batch to blur where the model trains. A pair that cannot be used is skipped with
-    a warning, once a process.
-    """
+    """Item (stage, step, k) -> that sample, seeded by the item: a random crop of a pair, turned
+    and flipped, (blur, sharp) in [0, 1]; of a photograph, what training_batch blurs where the model
+    trains. A pair that cannot be used is skipped with a warning."""
 
     def __init__(self, pairs, crop, blur_length, seed):
         self.pairs, self.crop, self.blur_length, self.seed = pairs, crop, blur_length, seed
@@ -1052,8 +1028,10 @@ class PairDataset(Dataset):
         turns, flip = torch.randint(4, (), generator=g).item(), torch.rand((), generator=g) < 0.5
         turn = lambda x: torch.rot90(x.flip(-1) if flip else x, turns, (-2, -1))  # 8 symmetries
         if blur is None:  # turned before it is blurred: the random path has no direction
-            region, path, noise = draw_blur(sharp, g, self.blur_length, None, window=(top, left, c, c))
-            return turn(region), F.pad(path, (0, 0, 0, self.subframes - len(path))), len(path), noise
+            region, path, noise = draw_blur(sharp, g, self.blur_length, None,
+                                            window=(top, left, c, c))
+            path_rows = F.pad(path, (0, 0, 0, self.subframes - len(path)))  # one size to collate
+            return turn(region), path_rows, len(path), noise
         pair = turn(torch.stack([blur, sharp])[..., top:top + c, left:left + c] / 255)
         return pair[0], pair[1]
 
@@ -1074,18 +1052,15 @@ def validation_images(pairs, crop, seed, blur_length):
         except (ValueError, OSError) as err:
             print(f"warning: {err}; left out of evaluation", flush=True)
             continue
-        (H, W), m = sharp.shape[-2:], 0
-        if blur is None and not crop:
-            m = min(math.ceil(blur_length[1] / 2) + 8, (min(H, W) - 8) // 4)
-        h, w = (min(crop, H), min(crop, W)) if crop else (H - 2 * m, W - 2 * m)
-        window = ((H - h) // 2, (W - w) // 2, h, w)
+        H, W = sharp.shape[-2:]
+        m = 0 if blur is not None or crop else math.ceil(blur_length[1] / 2) + 8  # photo's edges
+        h, w = (min(crop, H), min(crop, W)) if crop else (max(H - 2 * m, 8), max(W - 2 * m, 8))
         if blur is None:
             g = torch.Generator().manual_seed(hash((seed, j)))
+            window = ((H - h) // 2, (W - w) // 2, h, w)
             blur, sharp = (to_uint8(x) for x in synthesize_blur(
                 sharp, g, length=blur_length, subframes=None, window=window))
-        else:
-            blur, sharp = (centre(x, (h, w)) for x in (blur, sharp))
-        yield blur_path or sharp_path, blur, sharp
+        yield blur_path or sharp_path, *(centre(x, (h, w)) for x in (blur, sharp))
 
 # --------------------------------------------------------------------------------------------------
 # 12. Device, precision, errors
@@ -1099,11 +1074,8 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 def autocast(device, amp="auto"):
-    """
-    A precision -> (context manager, the precision that runs). "auto": bf16 where the device
-    computes it natively (CUDA GPUs with bf16; CPUs with AVX-512 BF16 or AMX, as /proc/cpuinfo
-    says), else fp32; "fp32": the exact path; "bf16", "fp16": where native (fp16: CUDA), else fp32.
-    """
+    """A precision -> (autocast context, the precision that runs): auto is bf16 where native
+    (CUDA, CPUs with AVX-512 BF16 or AMX), else fp32, the exact path; bf16, fp16 where native."""
     device = torch.device(device)
     if device.type == "cuda":
         native = {"bf16": torch.cuda.is_bf16_supported(), "fp16": True}
