@@ -1,8 +1,8 @@
 """
 Benchmark BlurDM: deblurring an image (and the prior's share of it), and a stage-3 training step
-at the preset's recipe, data made as train.py makes it from photographs. Each: time, the model's
-FLOPs, FLOP/s as a share of this machine's own large-matmul rate in the same precision, and peak
-memory (CUDA: max allocated; CPU: the max RSS of the process so far, so it never goes down).
+at the preset's recipe, its data made as train.py makes it from photographs. Each: time, FLOPs,
+FLOP/s as a share of this machine's own large-matmul rate in the same precision, peak memory
+(CUDA: max allocated; CPU: the process's max RSS so far, so it never goes down).
 
     python bench.py                                  # demo on a CPU, paper on CUDA; fp32 and auto
     python bench.py --preset tiny --amp fp32 --no-train
@@ -47,22 +47,20 @@ def clock():  # seconds, once the device is done
         torch.cuda.synchronize()
     return time.perf_counter()
 
-def timed(fn, n, reduce=min):
-    """reduce (min: the best; or the mean) of the seconds of n runs of fn after a warm-up run."""
+def measure(fn, n, reduce=min):
+    """(reduce of the seconds of n runs of fn, the FLOPs of a run): after a warm-up run, which
+    absorbs compilation; FLOPs counted on a run of its own (compiled code runs eagerly there)."""
     fn()
-    if cuda:  # the peak of these runs
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    if cuda:  # the peak of the timed runs
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(n):
         t0 = clock()
         fn()
         times.append(clock() - t0)
-    return reduce(times)
-
-def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    return reduce(times), counter.get_total_flops()
 
 def report(precision, what, seconds, flops, note="", **extra):
     share = flops / seconds / matmul[precision]
@@ -78,24 +76,35 @@ def report(precision, what, seconds, flops, note="", **extra):
 n, matmul = 4096 if cuda else 1024, dict.fromkeys(blurdm.autocast(device, a)[1] for a in args.amp)
 for precision in matmul:
     a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
-    matmul[precision] = 2 * n ** 3 / timed(lambda: a @ a, 10)
+    matmul[precision] = 2 * n ** 3 / measure(lambda: a @ a, 10)[0]
 name = torch.cuda.get_device_name(device) if cuda else next(
     (line.split(":")[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
 print(f"{name} | torch {torch.__version__}, {torch.get_num_threads()} threads | matmul {n}² " +
       ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in matmul.items()) +
-      f" | peak: {'max allocated' if cuda else 'max RSS'}", flush=True)
+      f" | peak memory: {'max allocated' if cuda else 'max RSS'}", flush=True)
 
 rows = []
 for precision in matmul:
     ctx = blurdm.autocast(device, precision)[0]
     torch.manual_seed(0)
     model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(preset)).to(device)
+    if args.compile:
+        model.deblurrer = torch.compile(model.deblurrer)
+    x = torch.rand(1, 3, H, W, device=device)
+    with ctx, torch.inference_mode():
+        noise, padded = model.start_noise(1, blurdm.INFERENCE_SEED), blurdm.pad_to(x, 8)
+        prior = measure(lambda: model.sharp_prior(padded, noise), args.repeat)[0]
+        seconds, flops = measure(lambda: model.deblur(x), args.repeat)  # last: the peak's its own
+    report(precision, f"deblur {W}x{H}", seconds, flops, f" | prior {100 * prior / seconds:.0f} %",
+           prior_share=prior / seconds)
+    if args.no_train:
+        continue
     optimizer = torch.optim.Adam(model.set_stage(3), lr=1e-4)
     dataset = blurdm.PairDataset([(None, PHOTO)], crop, blurdm.BLUR_LENGTH, 0)
-    x, steps, data_s = torch.rand(1, 3, H, W, device=device), iter(range(-1, args.steps + 1)), []
+    steps, data_s = iter(range(args.steps + 2)), []
 
-    def train_step():
-        t0 = time.perf_counter()  # the data as train.py makes it: a step's crops, blurred on device
+    def train_step():  # the data as train.py makes it: a step's crops, blurred on the device
+        t0 = time.perf_counter()
         items = [dataset[(3, next(steps), k)] for k in range(batch)]
         blur, sharp = blurdm.training_batch(torch.utils.data.default_collate(items), device)
         data_s.append(clock() - t0)
@@ -105,20 +114,9 @@ for precision in matmul:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops = count_flops(lambda: model.deblur(x)), count_flops(train_step)  # eager; data: 0 FLOPs
-    if args.compile:
-        model.deblurrer = torch.compile(model.deblurrer)
-    with ctx, torch.inference_mode():
-        noise, padded = model.start_noise(1, blurdm.INFERENCE_SEED), blurdm.pad_to(x, 8)
-        prior = timed(lambda: model.sharp_prior(padded, noise), args.repeat)
-        seconds = timed(lambda: model.deblur(x), args.repeat)  # last: the peak is deblur's
-    report(precision, f"deblur {W}x{H}", seconds, flops[0],
-           f" | prior {100 * prior / seconds:.0f} %", prior_share=prior / seconds)
-    if not args.no_train:
-        seconds = timed(train_step, args.steps, mean)
-        data = mean(data_s[-args.steps:])
-        report(precision, f"train step {batch}x{crop}²", seconds, flops[1],
-               f" (data {data:.2f} s)", data_seconds=data)
+    seconds, flops = measure(train_step, args.steps, mean)  # FLOPs: the model's; the data has none
+    report(precision, f"train step {batch}x{crop}²", seconds, flops,
+           f" (data {mean(data_s[2:]):.2f} s)", data_seconds=mean(data_s[2:]))
 if args.json:
     with open(args.json, "w") as f:
         json.dump(dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),

@@ -1,15 +1,14 @@
 """
-Train BlurDM in three stages (METHOD.md §5), each from the weights the one before ends with: stage 1
-the sharp encoder and the deblurrer, stage 2 the blur encoder and the residual estimators, stage 3
-all but the sharp encoder.
+Train BlurDM in three stages (METHOD.md §5): stage 1 the sharp encoder and the deblurrer, stage 2
+the blur encoder and the residual estimators, stage 3 all but the sharp encoder.
 
-    python train.py --data GOPRO_Large/                    # the paper's recipe, MIMO-UNet+
-    python train.py --data photos/ --preset demo --iters 2000,300,1700    # photographs, blurred here
-    python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 31800,5300,31800
-    torchrun --nproc_per_node=4 train.py --data GOPRO_Large/     # one process a GPU
+    python train.py --data GOPRO_Large/                     # the paper's recipe, MIMO-UNet+
+    python train.py --data photos/ --preset demo --iters 2000 300 1700   # photographs, blurred here
+    python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 31800 5300 31800
+    torchrun --nproc_per_node=4 train.py --data GOPRO_Large/      # one process a GPU
     python train.py --data GOPRO_Large/ --eval-only --init out/stage3.pt   # PSNR / SSIM, test split
 
-Rerun the same command to resume from out/last.pt (Ctrl-C and SIGTERM save first).
+Rerun a command to resume it from out/last.pt (Ctrl-C and SIGTERM save first).
 """
 
 import argparse
@@ -40,40 +39,31 @@ def name(text):  # an argparse type: a path, never empty (an unset variable)
         raise argparse.ArgumentTypeError("an empty name")
     return text
 
-def count(text):  # an argparse type: a whole number >= 1
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError("a whole number >= 1")
-    return int(text)
-
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data", type=name, required=True,
-               help="GoPro (original or flat), RealBlur, HIDE, blur/ + sharp/, or photographs")
+p.add_argument("--data", type=name, required=True, help="GoPro, RealBlur, HIDE, pairs or photos")
 p.add_argument("--out", type=name, default="out", help="checkpoints, log.jsonl, scores.csv")
-p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS),
-               help="paper: MIMO-UNet+ with BlurDM; mimo-unet; demo: sized for CPUs; tiny: tests")
+p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="demo: for CPUs")
 p.add_argument("--no-prior", action="store_true", help="the backbone alone, the paper's baseline")
-p.add_argument("--init", type=name, help="weights to start from (this project's, MIMO-UNet's, the "
-               "official BlurDM code's), or to score with --eval-only")
+p.add_argument("--init", type=name, help="weights to start from (any kind), or to --eval-only")
 p.add_argument("--eval-only", action="store_true", help="score --init on the test split")
-p.add_argument("--iters", type=int, nargs=3, help="iterations of the stages (default: the recipe's "
-               "epochs); 0 skips one: --iters 0 0 N --init CKPT trains stage 3 on")
-p.add_argument("--batch", type=count, help="global batch, split over the processes (paper: 20)")
-p.add_argument("--crop", type=count, help="training crop, a multiple of 4 (paper: 256)")
-p.add_argument("--lr", type=float, help="Adam's lr at each stage's start, cosine decay to --lr-min")
+p.add_argument("--iters", type=int, nargs=3, help="steps a stage (default: the paper's epochs)")
+p.add_argument("--batch", type=int, help="global batch, split over the processes (paper: 20)")
+p.add_argument("--crop", type=int, help="training crop, a multiple of 4 (paper: 256)")
+p.add_argument("--lr", type=float, help="Adam's lr, a cosine decay to --lr-min in each stage")
 p.add_argument("--lr-min", type=float)
 p.add_argument("--seed", type=int, default=2023)
 p.add_argument("--blur-length", type=float, nargs=2, default=blurdm.BLUR_LENGTH,
-               metavar=("LO", "HI"), help="camera paths in px for photographs (0 30: sharp too)")
+               metavar=("LO", "HI"), help="camera paths in px for photographs")
 p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on a CPU)")
 p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                help="auto: bf16 where native, else fp32; fp32: the exact path")
 p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on CUDA)")
-p.add_argument("--val-every", type=count, default=5000, help="validate every N steps and at stage ends")
+p.add_argument("--val-every", type=int, default=5000, help="validate every N steps, stage ends")
 p.add_argument("--val-count", type=int, default=100, help="at most this many validation images")
 p.add_argument("--val-crop", type=int, default=512, help="validation centre crop (0: whole)")
-p.add_argument("--save-every", type=count, default=1000, help="write out/last.pt every N steps")
-p.add_argument("--log-every", type=count, default=50, help="a log line every N steps (and minute)")
+p.add_argument("--save-every", type=int, default=1000, help="write out/last.pt every N steps")
+p.add_argument("--log-every", type=int, default=50, help="a log line every N steps (and minute)")
 
 def main(args):
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
@@ -102,10 +92,8 @@ def main(args):
         return evaluate_test_split(args, splits, device, out, say)
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)}")
-    pairs, val_pairs = splits["train"], splits.get("test", [])
-    if not val_pairs and args.val_count:  # no test split: hold out evenly spaced pairs
-        val_pairs = pairs[::math.ceil(len(pairs) / max(1, min(args.val_count, len(pairs) // 10)))]
-        pairs = [p for p in pairs if p not in val_pairs] or pairs  # one pair: trained and validated
+    pairs, val_pairs = splits["train"], splits.get("test") or splits["train"][::10] * bool(args.val_count)
+    pairs = [p for p in pairs if p not in val_pairs] or pairs  # no test split: a tenth held out
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []
     val_images = list(blurdm.validation_images(val_pairs, args.val_crop, args.seed, args.blur_length))
     if val_images:
@@ -140,9 +128,7 @@ def main(args):
             if train_stage(model, stage, loader, state, run):
                 return 128 + run.stop[0]
             state = None
-    then = ("stage 2 starts from it: --iters 0,B,C --init" if model.cfg.prior and not any(steps[1:])
-            else "deblur with: python sample.py IMAGE --ckpt")
-    say(f"done in {timedelta(seconds=round(time.time() - run.started))}. {then} "
+    say(f"done in {timedelta(seconds=round(time.time() - run.started))}: "
         f"{out / f'stage{stages[-1]}.pt'}")
     return 0
 
@@ -150,7 +136,7 @@ def train_stage(model, stage, loader, state, run):
     """One stage, from `state` (a checkpoint to resume) or from step 0; True when stopped."""
     total, parameters = run.settings["steps"][stage - 1], model.set_stage(stage)
     optimizer = torch.optim.Adam(parameters, lr=run.recipe["lr"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total, 1), run.recipe["lr_min"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, run.recipe["lr_min"])
     fp16 = run.settings["amp"] == "fp16"  # torch.amp.GradScaler is torch 2.3's
     scaler = (torch.amp.GradScaler("cuda", enabled=fp16) if hasattr(torch.amp, "GradScaler")
               else torch.cuda.amp.GradScaler(enabled=fp16))
@@ -162,9 +148,8 @@ def train_stage(model, stage, loader, state, run):
     if run.world > 1:
         forward = DDP(forward, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     what = " + ".join(blurdm.STAGE_PARTS[stage]) if model.cfg.prior else "deblurrer, no prior"
-    r = run.recipe
-    run.say(f"stage {stage} ({what}): steps {step}..{total}, batch {r['batch_size']} of "
-            f"{r['crop']} px crops, lr {r['lr']:g} -> {r['lr_min']:g}")
+    run.say(f"stage {stage} ({what}): steps {step}..{total}, " + ", ".join(
+        f"{k} {v}" for k, v in run.recipe.items() if k != "stage_epochs"))
     batches, starts, logged = iter(loader), deque(maxlen=100), time.time()
     loss_sum, n = 0.0, 0
     while step < total:
@@ -189,8 +174,9 @@ def train_stage(model, stage, loader, state, run):
             stopping = flag.item() > 0
         save = step % run.args.save_every == 0 or step == total or stopping
         log = step in (1, total) or step % run.args.log_every == 0 or time.time() - logged > 60
-        if not (save or log or step % run.args.val_every == 0):
-            continue  # no host sync: the loss is read at log and save steps
+        validate = run.rank == 0 and run.val_images and (step % run.args.val_every == 0 or save)
+        if not (save or log or validate):
+            continue  # no host sync: the loss is read at log, validation and save steps
         loss_value, loss_sum, n = float(loss_sum) / n, 0.0, 0
         if not math.isfinite(loss_value):  # before the bad step reaches a checkpoint
             raise ValueError(f"loss is {loss_value} at stage {stage} step {step}; stopped, the "
@@ -204,8 +190,12 @@ def train_stage(model, stage, loader, state, run):
             print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, ms=round(ms, 1))),
                   file=run.log, flush=True)
             logged = time.time()
-        if run.rank == 0 and run.val_images and (step % run.args.val_every == 0 or step == total):
-            validate(model, stage, step, run)
+        if validate and (step % run.args.val_every == 0 or step == total):
+            psnr, ssim = np.mean(list(blurdm.evaluate(model, run.val_images, run.device, stage)), 0)
+            model.set_stage(stage)  # back to this stage's training modes
+            run.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}"
+                    + " | prior SE(blur, sharp)" * (model.cfg.prior and stage == 1))
+            print(json.dumps(dict(stage=stage, step=step, psnr=psnr, ssim=ssim)), file=run.log)
         for name in ["last.pt", *[f"stage{stage}.pt"] * (step == total)] if save else []:
             if run.rank == 0:
                 blurdm.save_checkpoint(run.out / name, model, settings=run.settings, stage=stage,
@@ -217,14 +207,6 @@ def train_stage(model, stage, loader, state, run):
     if run.world > 1:
         dist.barrier()  # the next stage starts from the same weights on every rank
     return False
-
-def validate(model, stage, step, run):
-    """PSNR / SSIM on the validation images, printed and logged."""
-    psnr, ssim = np.mean(list(blurdm.evaluate(model, run.val_images, run.device, stage)), axis=0)
-    model.set_stage(stage)  # back to this stage's training modes
-    run.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}"
-            + " | prior SE(blur, sharp)" * (model.cfg.prior and stage == 1))
-    print(json.dumps(dict(stage=stage, step=step, val_psnr=psnr, val_ssim=ssim)), file=run.log)
 
 def where_to_start(run):
     """(model, stages to run, state to resume or None): out/last.pt, else --init, else fresh."""
@@ -250,14 +232,17 @@ def where_to_start(run):
     if stages[0] > 1 and not args.init:
         raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
     if not args.init:
-        return blurdm.BlurDM(blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior)), stages, None
+        cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior)
+        return blurdm.BlurDM(cfg), stages, None
     cfg, weights, _ = blurdm.read_checkpoint(args.init)
     if args.no_prior and cfg.prior:
         raise ValueError(f"{args.init}: its deblurrer was trained with a prior, not --no-prior")
     new_prior = not cfg.prior and not args.no_prior  # a published backbone gains a prior
     if new_prior and stages[0] > 1:
         raise ValueError(f"{args.init}: a backbone without a prior; its prior trains from stage 1")
-    model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True) if new_prior else cfg)
+    if new_prior:
+        cfg = dataclasses.replace(cfg, prior=True, fusion_residual=True)
+    model = blurdm.BlurDM(cfg)
     prior_networks = ("blur_encoder.", "blur_estimator.", "noise_estimator.")  # stage 2 trains them
     new = {1: ("sharp_encoder.", "deblurrer.prior_fusion.", *prior_networks), 2: prior_networks,
            3: ("sharp_encoder.",)}[stages[0]]  # what a stage may start without
@@ -267,23 +252,20 @@ def where_to_start(run):
     return model, stages, None
 
 def evaluate_test_split(args, splits, device, out, say):
-    """--eval-only: score --init on every pair of the test split (or of the only one), whole images."""
+    """--eval-only: score --init on each pair of the test split (else the only one), in fp32."""
     if not args.init:
         raise ValueError("--eval-only scores --init CKPT")
-    model, split, rows = blurdm.load_model(args.init).to(device), "test", []
-    if split not in splits:
-        split = next(iter(splits))
-        say(f"note: {args.data} has no test split: scoring its {split} pairs")
-    for image in blurdm.validation_images(splits[split], 0, args.seed, args.blur_length):
-        psnr, ssim = next(blurdm.evaluate(model, [image], device))  # in fp32, as the tables
-        rows.append((image[0], f"{psnr:.4f}", f"{ssim:.6f}"))
-        say(f"{image[0]} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}")
+    model, pairs = blurdm.load_model(args.init).to(device), splits.get("test", [*splits.values()][0])
+    rows = []
+    for image in blurdm.validation_images(pairs, 0, args.seed, args.blur_length):
+        rows.append((image[0], *(round(v, 6) for v in next(blurdm.evaluate(model, [image], device)))))
+        say(f"{image[0]} | PSNR {rows[-1][1]:.2f} dB | SSIM {rows[-1][2]:.4f}")
     with blurdm.atomic(out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("input", "psnr_db", "ssim"), *rows])
-    mean = np.mean([[float(r[1]), float(r[2])] for r in rows], axis=0) if rows else [math.nan] * 2
+    mean = np.mean([r[1:] for r in rows], 0) if rows else [math.nan] * 2
     say(f"mean of {len(rows)}: PSNR {mean[0]:.2f} dB (uint8 RGB, whole image) | 3-D SSIM "
         f"{mean[1]:.4f} | {out / 'scores.csv'}")
-    return 1 if len(rows) < len(splits[split]) else 0  # an image could not be read
+    return 1 if len(rows) < len(pairs) else 0  # an image could not be read
 
 def request_stop(run, signum):
     """Ctrl-C or SIGTERM: finish the step, save, exit; a second Ctrl-C aborts at once."""
