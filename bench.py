@@ -1,12 +1,11 @@
 """
-Benchmark BlurDM: deblurring an image (and the prior's share of it), and a stage-3 training step
-at the preset's recipe, its data made as train.py makes it from photographs. Each: time, FLOPs,
-FLOP/s as a share of this machine's own large-matmul rate in the same precision, peak memory
-(CUDA: max allocated; CPU: the process's max RSS so far, so it never goes down).
+Benchmark BlurDM: deblurring (and the prior's share) and a stage-3 training step at the preset's
+recipe with train.py's photograph data: time, FLOPs, FLOP/s as a share of this machine's matmul
+FLOP/s in that precision, peak memory (CUDA: max allocated; CPU: the process's max RSS so far).
 
-    python bench.py                                  # demo on a CPU, paper on CUDA; fp32 and auto
+    python bench.py                                   # demo on a CPU, paper on CUDA; fp32 and auto
     python bench.py --preset tiny --amp fp32 --no-train
-    python bench.py --amp bf16 --compile --json bench.json  # compile time excluded: in the warm-up
+    python bench.py --preset paper --amp bf16 --compile --json bench.json
 """
 import argparse
 import json
@@ -38,8 +37,8 @@ args = p.parse_args()
 device = blurdm.pick_device(args.device)
 cuda = device.type == "cuda"
 preset = args.preset or ("paper" if cuda else "demo")
-recipe = blurdm.TRAINING_RECIPES[preset]
-batch, crop = args.batch or recipe["batch_size"], args.crop or recipe["crop"]
+batch = args.batch or blurdm.TRAINING_RECIPES[preset]["batch_size"]
+crop = args.crop or blurdm.TRAINING_RECIPES[preset]["crop"]
 W, H = map(int, args.size.split("x"))
 
 def clock():  # seconds, once the device is done
@@ -48,10 +47,9 @@ def clock():  # seconds, once the device is done
     return time.perf_counter()
 
 def measure(fn, n, reduce=min):
-    """(reduce of the seconds of n runs of fn, the FLOPs of a run): after a warm-up run, which
-    absorbs compilation; FLOPs counted on a run of its own (compiled code runs eagerly there)."""
+    """(reduce of the seconds of n runs of fn after a warm-up run, the FLOPs of one run)"""
     fn()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # where compiled, fn runs eagerly here
         fn()
     if cuda:  # the peak of the timed runs
         torch.cuda.reset_peak_memory_stats()
@@ -62,18 +60,17 @@ def measure(fn, n, reduce=min):
         times.append(clock() - t0)
     return reduce(times), counter.get_total_flops()
 
-def report(precision, what, seconds, flops, note="", **extra):
-    share = flops / seconds / matmul[precision]
-    peak = torch.cuda.max_memory_allocated() if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(f"{preset} {precision} | {what} {seconds:.3g} s{note} | {flops / 1e12:.3g} TFLOP | "
-          f"{flops / seconds / 1e12:.3g} TFLOP/s = {100 * share:.0f} % of matmul | "
-          f"peak {peak / 2 ** 20:.0f} MiB", flush=True)
+def report(precision, what, seconds, flops, note, **extra):
+    peak = (torch.cuda.max_memory_allocated() if cuda else  # max RSS on Linux: KiB
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
     rows.append(dict(preset=preset, precision=precision, what=what, seconds=seconds, flops=flops,
-                     matmul_share=share, peak_MiB=peak / 2 ** 20, **extra))
+                     of_matmul=flops / seconds / matmul[precision], peak_MiB=peak, **extra))
+    print(f"{preset} {precision} | {what} {seconds:.3g} s{note} | {flops / 1e12:.3g} TFLOP | "
+          f"{flops / seconds / 1e12:.3g} TFLOP/s = {100 * rows[-1]['of_matmul']:.0f} % of matmul"
+          f" | peak {peak:.0f} MiB", flush=True)
 
-# this machine's own rate: the FLOP/s of a large matmul, in each precision that runs here
-n, matmul = 4096 if cuda else 1024, dict.fromkeys(blurdm.autocast(device, a)[1] for a in args.amp)
+n = 4096 if cuda else 1024  # this machine's own rate: an n x n matmul in each precision that runs
+matmul = dict.fromkeys(blurdm.autocast(device, amp)[1] for amp in args.amp)
 for precision in matmul:
     a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
     matmul[precision] = 2 * n ** 3 / measure(lambda: a @ a, 10)[0]
@@ -82,14 +79,12 @@ name = torch.cuda.get_device_name(device) if cuda else next(
 print(f"{name} | torch {torch.__version__}, {torch.get_num_threads()} threads | matmul {n}² " +
       ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in matmul.items()) +
       f" | peak memory: {'max allocated' if cuda else 'max RSS'}", flush=True)
-
 rows = []
 for precision in matmul:
     ctx = blurdm.autocast(device, precision)[0]
     torch.manual_seed(0)
     model = blurdm.BlurDM(blurdm.BlurDMConfig.preset(preset)).to(device)
-    if args.compile:
-        model.deblurrer = torch.compile(model.deblurrer)
+    model.deblurrer = torch.compile(model.deblurrer) if args.compile else model.deblurrer
     x = torch.rand(1, 3, H, W, device=device)
     with ctx, torch.inference_mode():
         noise, padded = model.start_noise(1, blurdm.INFERENCE_SEED), blurdm.pad_to(x, 8)
@@ -100,12 +95,11 @@ for precision in matmul:
     if args.no_train:
         continue
     optimizer = torch.optim.Adam(model.set_stage(3), lr=1e-4)
-    dataset = blurdm.PairDataset([(None, PHOTO)], crop, blurdm.BLUR_LENGTH, 0)
-    steps, data_s = iter(range(args.steps + 2)), []
+    dataset, data_s = blurdm.PairDataset([(None, PHOTO)], crop, blurdm.BLUR_LENGTH, 0), []
 
-    def train_step():  # the data as train.py makes it: a step's crops, blurred on the device
+    def train_step():  # the data as train.py makes it: step i's crops, blurred on the device
         t0 = time.perf_counter()
-        items = [dataset[(3, next(steps), k)] for k in range(batch)]
+        items = [dataset[(3, len(data_s), k)] for k in range(batch)]  # i = len(data_s)
         blur, sharp = blurdm.training_batch(torch.utils.data.default_collate(items), device)
         data_s.append(clock() - t0)
         with ctx:
@@ -114,7 +108,7 @@ for precision in matmul:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds, flops = measure(train_step, args.steps, mean)  # FLOPs: the model's; the data has none
+    seconds, flops = measure(train_step, args.steps, mean)  # FLOPs: the model's (data: none)
     report(precision, f"train step {batch}x{crop}²", seconds, flops,
            f" (data {mean(data_s[2:]):.2f} s)", data_seconds=mean(data_s[2:]))
 if args.json:
