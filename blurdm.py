@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------------
 # Part I: the method
-# --------------------------------------------------------------------------------------------------
-# 1. Config
+# 1. Config ----------------------------------------------------------------------------------------
 
 @dataclass
 class BlurDMConfig:
@@ -75,17 +74,13 @@ class BlurDMConfig:
 
     def __post_init__(self):  # what no network or schedule can be built from
         sizes = self.width, self.num_res, self.latent_dim, self.encoder_width, self.estimator_layers
-        needs = {"T >= 1": self.T >= 1, "beta_start, beta_end >= 0": min(self.beta_start,
-                                                                         self.beta_end) >= 0,
-                 "0 < alpha_start < alpha_end (the reverse step divides by α)":
-                     0 < self.alpha_start < self.alpha_end,
-                 "widths, blocks and layers >= 1": min(sizes) >= 1,
-                 "beta_bar_rule 'paper' or 'official'": self.beta_bar_rule in ("paper", "official"),
-                 "prior_distance 'l1' or 'charbonnier'": self.prior_distance in ("l1",
-                                                                                 "charbonnier")}
-        unmet = [need for need, met in needs.items() if not met]
-        if unmet:
-            raise ValueError(f"BlurDMConfig needs {'; '.join(unmet)}")
+        if not (self.T >= 1 and min(sizes) >= 1 and min(self.beta_start, self.beta_end) >= 0
+                and 0 < self.alpha_start < self.alpha_end  # the reverse step divides by α
+                and self.beta_bar_rule in ("paper", "official")
+                and self.prior_distance in ("l1", "charbonnier")):
+            raise ValueError(f"{self} is impossible: it needs T and sizes >= 1, betas >= 0, 0 < "
+                             "alpha_start < alpha_end, beta_bar_rule 'paper' or 'official', "
+                             "prior_distance 'l1' or 'charbonnier'")
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -100,10 +95,10 @@ PRESETS = {
                  encoder_blocks=1),  # for tests
 }
 
-# --------------------------------------------------------------------------------------------------
-# 2. Blur formation (METHOD.md §1): a camera integrates light while its shutter is open. This pixel
-# renderer is the physics the diffusion copies: the tests check Eq. (1.1) and (2.1) on its images,
-# and Part II's training blur for photographs is its exposure integral over a random camera path.
+# 2. Blur formation (METHOD.md §1) -----------------------------------------------------------------
+# A camera integrates light while its shutter is open. This pixel renderer is the physics the
+# diffusion copies: the tests check Eq. (1.1) and (2.1) on its images, and the training blur of
+# photographs (Part II) is its exposure integral along a random camera path.
 
 def srgb_to_linear(x):
     """sRGB values in [0, 1] -> linear light in [0, 1] (IEC 61966-2-1); see linear_to_srgb."""
@@ -164,8 +159,7 @@ def render_exposures(sharp, path, alpha):
     B, e = integrate_light(srgb_to_linear(sharp), theta, weights).split(len(alpha))
     return B / alpha.to(sharp).view(-1, 1, 1, 1, 1), e
 
-# --------------------------------------------------------------------------------------------------
-# 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape
+# 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape --------------------------------------
 
 def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
     """α_0..α_T, β_0..β_T (β_0 = 0) and β̄_0..β̄_T, in float64."""
@@ -233,8 +227,7 @@ class BlurDiffusion(nn.Module):
             x_t = self.p_sample(x_t, t, e_hat, eps_hat)
         return x_t
 
-# --------------------------------------------------------------------------------------------------
-# 4. Latent prior networks (METHOD.md §4)
+# 4. Latent prior networks (METHOD.md §4) ----------------------------------------------------------
 
 class EncoderBlock(nn.Module):
     def __init__(self, channels, batch_norm):
@@ -308,8 +301,7 @@ class PriorFusion(nn.Module):
         k, v = self.to_scale_shift(prior)[:, :, None, None].chunk(2, 1)  # (B, C, 1, 1) each
         return x * (1 + k) + v if self.residual else x * k + v
 
-# --------------------------------------------------------------------------------------------------
-# 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021), a prior fusion module per decoder level
+# 5. Deblurring network: MIMO-UNet (Cho et al., ICCV 2021), the prior fused per decoder level ------
 
 def basic_conv(c_in, c_out, kernel, stride=1, relu=True, transpose=False):
     """MIMO-UNet's BasicConv (without normalisation): a conv, or a transposed conv for x2
@@ -422,8 +414,7 @@ class MIMOUNet(nn.Module):
         out1 = self.to_image[2](z) + x
         return [out4, out2, out1]
 
-# --------------------------------------------------------------------------------------------------
-# 6. BlurDM: the latent prior on a deblurrer, its three training stages and losses (METHOD.md §4-5)
+# 6. BlurDM: the prior on a deblurrer, three training stages, losses (METHOD.md §4-5) --------------
 
 def charbonnier(x, y, eps):
     return torch.sqrt((x - y) ** 2 + eps ** 2).mean()
@@ -576,6 +567,7 @@ class BlurDM(nn.Module):
 import argparse
 import functools
 import os
+import pickle
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields, replace
@@ -584,8 +576,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-# --------------------------------------------------------------------------------------------------
-# 7. Large images in tiles, all modulated by one prior computed on the whole image
+# 7. Large images in tiles, all modulated by one prior computed on the whole image -----------------
 
 PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy
 
@@ -621,8 +612,7 @@ def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
                 ..., y0 - top:y1 - top, x0 - left:x1 - left]
     return out[..., :H, :W].reshape(blurry.shape)
 
-# --------------------------------------------------------------------------------------------------
-# 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop
+# 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop ----------------------
 
 def to_uint8(x):
     """[0, 1] float -> uint8, rounded: what a saved PNG holds and what the paper's metrics see."""
@@ -669,13 +659,12 @@ def evaluate(model, images, device, stage=3):
                        else model.deblur(blur / 255, prior=prior))
         yield psnr(out, sharp), ssim(out, sharp)
 
-# --------------------------------------------------------------------------------------------------
-# 9. Checkpoints: this project's format; MIMO-UNet's and the official BlurDM code's files converted
+# 9. Checkpoints: this project's; MIMO-UNet's and the official BlurDM code's converted -------------
 
 @contextmanager
 def atomic(path):
-    """A temporary name beside `path` (same suffix) to write to, renamed over `path` on success,
-    removed on failure: nobody sees half a file."""
+    """A temporary name beside `path` (the same suffix) to write to, renamed over `path` on success
+    and removed on failure: nobody sees half a file."""
     tmp = Path(path).with_name(f".tmp.{Path(path).name}")
     try:
         yield tmp
@@ -686,8 +675,8 @@ def atomic(path):
 def save_checkpoint(path, model, **extra):
     """Config + weights (+ `extra`: stage, step, optimizer state ...), written atomically."""
     with atomic(path) as tmp:
-        torch.save({"format": "blurdm", "config": asdict(model.cfg), "model": model.state_dict(),
-                    **extra}, tmp)
+        torch.save(dict(format="blurdm", config=asdict(model.cfg), model=model.state_dict(),
+                        **extra), tmp)
 
 def safe_load(path):
     """torch.load(weights_only=True): a checkpoint cannot run code. The official BlurDM files
@@ -696,9 +685,7 @@ def safe_load(path):
     try:
         with allow([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # torch's message would advise weights_only=False: running code
+    except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
         why = re.search(r"(?i)unsupported (?:global: )?GLOBAL [\w.]+", str(err))
         raise ValueError(f"{path}: not a weights-only PyTorch checkpoint"
                          + (f" ({why[0]}, which could run code)" if why else "")) from None
@@ -786,8 +773,7 @@ def convert_foreign(path, checkpoint):
     parts = {}
     for key, part, prefix in (("model_state", "deblur", ""), ("model_dm_state", "dm", ""),
                               ("model_le_state", "le", "le.")):
-        sibling = path.with_name(re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_",
-                                        path.name))
+        sibling = path.parent / re.sub(r"^(final|best)_(deblur|dm|le)_", rf"\1_{part}_", path.name)
         source = checkpoint
         if key not in checkpoint and sibling != path and sibling.is_file():
             source = safe_load(sibling)
@@ -814,8 +800,7 @@ def convert_foreign(path, checkpoint):
     names = mimo_unet_names(num_res) | official_prior_names(cfg)
     return cfg, {names.get(k, k): v for k, v in parts.items()}
 
-# --------------------------------------------------------------------------------------------------
-# 10. Files: images, and data sets on disk
+# 10. Files: images, and data sets on disk ---------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEBLURRED_TAG = "_deblurred"  # sample.py writes <stem>_deblurred.png: folder scans leave them out
@@ -828,24 +813,22 @@ def read_image(path, extras=False):
 
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-    grayscale = img.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16- or 32-bit integers, or floats
         gray = np.asarray(img, dtype=np.float64)
         low, high = gray.min(), gray.max()  # NaN fails every test below
         if img.mode == "F":  # floats in [0, 1], or 8-bit values stored as floats
-            bytes_ = high <= 255 and (gray == gray.round()).all()
-            scale = 1.0 if high <= 1 else 255.0 if bytes_ else 0
+            scale = 1 if high <= 1 else 255 if high <= 255 and (gray == gray.round()).all() else 0
         else:
-            scale = 65535.0 if high <= 65535 else 0
+            scale = 65535 if high <= 65535 else 0
         if not (low >= 0 and scale):
             raise ValueError(f"{path}: pixel values in [{low:g}, {high:g}] fit neither [0, 1], "
                              "8 nor 16 bits")
         rgb = torch.from_numpy(gray / scale).float().expand(3, *gray.shape)
     else:
-        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255)
-        rgb = rgb.permute(2, 0, 1)
-    info = {"icc_profile": img.info.get("icc_profile"), "grayscale": grayscale}
-    return (rgb.contiguous(), info) if extras else rgb.contiguous()
+        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), np.float32) / 255).permute(2, 0, 1)
+    gray = img.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+    extra = {"icc_profile": img.info.get("icc_profile"), "grayscale": gray}
+    return (rgb.contiguous(), extra) if extras else rgb.contiguous()
 
 def write_image(image, path, icc_profile=None):
     """(3, H, W) RGB or (1, H, W) grayscale in [0, 1] -> an 8-bit image file, its format from the
@@ -874,50 +857,44 @@ def find_pairs(root):
     blur/ (input/) with the same path under sharp/ (target/), any suffix; HIDE with GT/; RealBlur as
     its RealBlur_*_{train,test}_list.txt say; else sharp photographs (None). The split: the nearest
     train/ or test/ folder above a file (train if none)."""
-    root, splits, problems, unpaired = Path(root), {}, [], []
+    root, splits, left, used = Path(root), {}, [], set()
+    add = lambda folders, pair: splits.setdefault(next(
+        (f for f in reversed(folders) if f in ("train", "test")), "train"), []).append(pair)
     lists = sorted(root.glob("RealBlur_*_*_list.txt"))[:2]  # RealBlur-J where both are
     for list_file in lists:
-        rows = [line.split()[:2] for line in list_file.read_text().splitlines() if line.strip()]
-        pairs = [(root / blur, root / gt) for gt, blur in rows]
-        unpaired += [b for b, s in pairs if not (b.is_file() and s.is_file())]
-        splits["test" if "_test_" in list_file.name else "train"] = [
-            (str(b), str(s)) for b, s in pairs if b.is_file() and s.is_file()]
+        for line in filter(str.strip, list_file.read_text().splitlines()):
+            gt, blur = (root / name for name in line.split()[:2])
+            if blur.is_file() and gt.is_file():
+                add(list_file.stem.split("_")[2:3], (str(blur), str(gt)))
+            else:
+                left.append(blur)
     images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p
                                for p in list_images(root)}
     gt = {key.split("/")[-1]: p for key, p in images.items() if "/GT/" in f"/{key}"}
-    used = set()
     for key, path in images.items():
         *folders, stem = key.split("/")
         i = max((i for i, f in enumerate(folders) if f in PARTNER), default=None)
         if i is not None:
-            folders[i] = PARTNER[folders[i]]
-            partner = images.get("/".join([*folders, stem]))
+            partner = images.get("/".join([*folders[:i], PARTNER[folders[i]], *folders[i + 1:],
+                                           stem]))
         elif gt and "GT" not in folders and {"train", "test"} & set(folders):
             partner = gt.get(stem)  # HIDE
         else:
             continue
         used |= {path, partner}
-        split = next((f for f in reversed(folders) if f in ("train", "test")), "train")
-        splits.setdefault(split, []).append((str(path), str(partner)))
-        if partner is None:
-            unpaired.append(splits[split].pop()[0])
-    left = [p for key, p in images.items() if p not in used and not {"blur_gamma", "GT"} & {
-        *key.split("/")}] if used else []
-    for what, files in (("blurry images without a sharp partner", unpaired),
-                        ("images outside the pairs, not used", left)):
-        if files:
-            problems.append(f"{root}: {len(files)} {what} ({files[0]}, ...)")
-    for key, path in images.items() if not used else ():  # sharp photographs, blurred on the fly
-        folders = key.split("/")[:-1]
-        split = next((f for f in reversed(folders) if f in ("train", "test")), "train")
-        splits.setdefault(split, []).append((None, str(path)))
-    splits = {split: pairs for split, pairs in splits.items() if pairs}
+        if partner is not None:
+            add(folders, (str(path), str(partner)))
+    if used:  # pairs: say what is left out (GoPro's blur_gamma/ and HIDE's GT/ apart)
+        left += [p for key, p in images.items()
+                 if p not in used and not {"blur_gamma", "GT"} & set(key.split("/"))]
+    for key, path in images.items() if not used else ():  # photographs, blurred on the fly
+        add(key.split("/")[:-1], (None, str(path)))
     if not splits:
         raise ValueError(f"{root}: no images, nor blurry/sharp pairs, found")
+    problems = [f"{root}: {len(left)} images in no pair, left out ({left[0]}, ...)"] if left else []
     return splits, problems
 
-# --------------------------------------------------------------------------------------------------
-# 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes
+# 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes -------
 
 # the training recipe of each preset (train.py's defaults; bench.py times the same batch and crop):
 # crop, global batch, Adam's lr with a cosine decay to lr_min, epochs per stage
@@ -991,13 +968,19 @@ def centre(image, size):
     return image[..., (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w]
 
 @functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not per sample
-def load_pair(blur_path, sharp_path):
-    """(blur or None, sharp) as uint8 (3, H, W); ValueError naming the file when sizes differ."""
+def load_pair(blur_path, sharp_path, min_size=1):
+    """(blur or None, sharp) as uint8 (3, H, W); ValueError naming the file where sizes differ or
+    are under min_size."""
     sharp = to_uint8(read_image(sharp_path))
     blur = to_uint8(read_image(blur_path)) if blur_path else None
-    if blur is not None and blur.shape != sharp.shape:
-        raise ValueError(f"{blur_path}: {tuple(blur.shape)}, its sharp image {tuple(sharp.shape)}")
+    if blur is not None and blur.shape != sharp.shape or min(sharp.shape[1:]) < min_size:
+        raise ValueError(f"{blur_path or sharp_path}: {tuple(sharp.shape[1:])} and its pair's "
+                         f"sizes differ, or are under {min_size} px")
     return blur, sharp
+
+@functools.lru_cache(maxsize=None)
+def warn(message):  # once a process
+    print(f"warning: {message}", flush=True)
 
 class PairDataset(Dataset):
     """Item (stage, step, k) -> that sample, seeded by the item: a random crop of a pair, turned
@@ -1007,21 +990,16 @@ class PairDataset(Dataset):
     def __init__(self, pairs, crop, blur_length, seed):
         self.pairs, self.crop, self.blur_length, self.seed = pairs, crop, blur_length, seed
         self.subframes = 2 * math.ceil(blur_length[1] / 2) + 1  # the most a path can have
-        self.warned = set()
 
     def __getitem__(self, item):
         g, c = torch.Generator().manual_seed(hash((self.seed, *item))), self.crop
-        index = torch.randint(len(self.pairs), (), generator=g).item()
-        for pair in self.pairs[index:] + self.pairs[:index]:
+        start = torch.randint(len(self.pairs), (), generator=g).item()
+        for pair in self.pairs[start:] + self.pairs[:start]:
             try:
-                blur, sharp = load_pair(*pair)
-                if min(sharp.shape[1:]) >= c:
-                    break
-                raise ValueError(f"{pair[1]}: smaller than the {c} px crop")
+                blur, sharp = load_pair(*pair, min_size=c)
+                break
             except (ValueError, OSError) as err:
-                if str(err) not in self.warned:
-                    self.warned.add(str(err))
-                    print(f"warning: {err}; skipped", flush=True)
+                warn(f"{err}; skipped")
         else:
             raise ValueError(f"none of the {len(self.pairs)} training pairs can be used")
         top, left = (torch.randint(n - c + 1, (), generator=g).item() for n in sharp.shape[1:])
@@ -1050,20 +1028,19 @@ def validation_images(pairs, crop, seed, blur_length):
         try:
             blur, sharp = load_pair(blur_path, sharp_path)
         except (ValueError, OSError) as err:
-            print(f"warning: {err}; left out of evaluation", flush=True)
+            warn(f"{err}; left out of evaluation")
             continue
         H, W = sharp.shape[-2:]
         m = 0 if blur is not None or crop else math.ceil(blur_length[1] / 2) + 8  # photo's edges
         h, w = (min(crop, H), min(crop, W)) if crop else (max(H - 2 * m, 8), max(W - 2 * m, 8))
         if blur is None:
-            g = torch.Generator().manual_seed(hash((seed, j)))
             window = ((H - h) // 2, (W - w) // 2, h, w)
+            g = torch.Generator().manual_seed(hash((seed, j)))
             blur, sharp = (to_uint8(x) for x in synthesize_blur(
                 sharp, g, length=blur_length, subframes=None, window=window))
         yield blur_path or sharp_path, *(centre(x, (h, w)) for x in (blur, sharp))
 
-# --------------------------------------------------------------------------------------------------
-# 12. Device, precision, errors
+# 12. Device, precision, errors --------------------------------------------------------------------
 
 def pick_device(name="auto"):
     """'auto' (CUDA when there is one), 'cpu' or 'cuda' -> torch.device; the one CUDA check."""
@@ -1088,9 +1065,7 @@ def autocast(device, amp="auto"):
     return torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]), amp
 
 def error_line(err):
-    """An exception as one short line: its message (where it carries a traceback, a DataLoader
-    worker's, the last line) with the whitespace folded, or its type's name."""
-    text = str(err).strip()
-    if "Traceback (most recent call last)" in text:
-        text = text.splitlines()[-1]
-    return " ".join(text.split())[:300] or type(err).__name__
+    """An exception as one short line (a DataLoader worker's: its traceback's last line)."""
+    text = str(err).strip() or type(err).__name__
+    text = text.splitlines()[-1] if "Traceback (most recent call last)" in text else text
+    return " ".join(text.split())[:300]
