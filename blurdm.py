@@ -1,5 +1,4 @@
-"""
-BlurDM: a blur diffusion model for image deblurring, in one file.
+"""BlurDM: a blur diffusion model for image deblurring, in one file.
 
 Paper: J.-T. He, F.-J. Tsai, Y.-T. Peng, M.-H. Chen, C.-W. Lin, Y.-Y. Lin, "BlurDM: A Blur
 Diffusion Model for Image Deblurring", NeurIPS 2025, arXiv:2512.03979. Official code:
@@ -125,8 +124,7 @@ def warp(image, theta):
     return F.grid_sample(image, grid, "bilinear", "reflection", align_corners=False)
 
 def integrate_light(radiance, theta, weights):
-    """
-    The exposure integral over a camera path of N sub-frames, radiance constant on each: for each
+    """The exposure integral over a camera path of N sub-frames, radiance constant on each: for each
     of R integrals, Σ_k weights[r, :, k] · (radiance moved by theta[:, k]). radiance (n, 3, h, w)
     in linear light; theta (n, N, 2, 3), one path per image; weights (R, n, N) -> (R, n, 3, h, w).
     """
@@ -136,13 +134,11 @@ def integrate_light(radiance, theta, weights):
     return total
 
 def render_exposures(sharp, path, alpha):
-    """
-    Blur formation (METHOD.md §1): every exposure B_t and blur residual e_t of sharp sRGB images
+    """Blur formation (METHOD.md §1): every exposure B_t and blur residual e_t of sharp sRGB images
     (n, 3, h, w) in [0, 1], moved along a camera path (N, 4) whose sub-frame k lights the time
     [k, k + 1) · α_T / N. Returns B and e, each (T + 1, n, 3, h, w), in linear light:
         B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ,   e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ   (e[0] = 0)
-    exact for the piecewise-constant radiance H: a sub-frame cut by a window weighs its overlap.
-    """
+    exact for the piecewise-constant radiance H: a sub-frame cut by a window weighs its overlap."""
     alpha = torch.as_tensor(alpha, dtype=torch.float64)
     N = path.shape[0]
     tau = alpha * N / alpha[-1]  # the exposure ends, in sub-frames
@@ -176,16 +172,14 @@ def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper")
     return alpha, beta, beta_bar
 
 class BlurDiffusion(nn.Module):
-    """
-    Dual noise and blur diffusion (forward, q_*) and dual denoising and deblurring (reverse, p_*).
+    """Dual noise and blur diffusion (forward, q_*), dual denoising and deblurring (reverse, p_*).
 
-    The latent model uses q_sample at t = T for its start point x_T = Z^B + β̄_T ε and
-    p_sample_loop for the chain. Latent vectors have no exposures, so nothing calls q_step on them
-    and the estimators never see a true e_t or ε: they learn from the chain's result (stage 2).
-    Where the abstract says the reverse process starts from "pure Gaussian noise conditioned on the
-    blurred image", the code starts where the forward chain ends, Eq. (2.2) at t = T: the blurred
-    latent plus β̄_T ε (β̄_T = 0.026 with the paper's schedule), conditioned on c = Z^B.
-    """
+    The latent model uses q_sample at t = T for its start point x_T = Z^B + β̄_T ε and p_sample_loop
+    for the chain. Latent vectors have no exposures, so nothing calls q_step on them and the
+    estimators never see a true e_t or ε: they learn from the chain's result (stage 2). Where the
+    abstract says the reverse process starts from "pure Gaussian noise conditioned on the blurred
+    image", the code starts where the forward chain ends, Eq. (2.2) at t = T: the blurred latent
+    plus β̄_T ε (β̄_T = 0.026 with the paper's schedule), conditioned on c = Z^B."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -208,8 +202,7 @@ class BlurDiffusion(nn.Module):
         return B_t + self.beta_bar[t] * eps  # Eq. (2.2)
 
     def p_sample(self, x_t, t, e_hat, eps_hat):
-        """
-        One reverse step, deterministic (no fresh noise), in two terms: deblur, (α_t I_t - ê_t) /
+        """One reverse step, deterministic (no fresh noise), in two terms: deblur, (α_t I_t - ê_t) /
         α_{t-1} takes the step's blur residual out of the exposure; denoise, the second term takes
         out the noise that β̄ shed between t and t - 1. The official code special-cases t = 1 as
         (α_1 I_1 - ê_1)/α_0: that is this line, since β_1 = 0 makes β̄_1 = 0 under either β̄ rule.
@@ -240,11 +233,9 @@ class EncoderBlock(nn.Module):
         return x + self.body(x)
 
 class LatentEncoder(nn.Module):
-    """
-    Two images -> one latent vector (the official code's LE_arch). Used twice: as the sharp encoder
-    SE(blur, sharp), with BatchNorm, and as the blur encoder BE(blur, blur), without. Inputs: images
-    minus cfg.input_offset (in [-0.5, 0.5]), H and W divisible by 4.
-    """
+    """Two images -> one latent vector (the official code's LE_arch). Used twice: as the sharp
+    encoder SE(blur, sharp), with BatchNorm, and as the blur encoder BE(blur, blur), without.
+    Inputs: images minus cfg.input_offset (in [-0.5, 0.5]), H and W divisible by 4."""
 
     def __init__(self, cfg, batch_norm):
         super().__init__()
@@ -265,11 +256,9 @@ class LatentEncoder(nn.Module):
         return self.head(self.blocks(self.stem(h)))  # (B, latent_dim)
 
 class ResidualEstimator(nn.Module):
-    """
-    The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an
+    """The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an
     MLP on concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only
-    embedding of time (as the official code).
-    """
+    embedding of time (as the official code)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -283,12 +272,10 @@ class ResidualEstimator(nn.Module):
         return self.net(torch.cat([c, t_frac, x_t], 1))  # (B, 2d + 1) -> (B, d)
 
 class PriorFusion(nn.Module):
-    """
-    The prior fusion module: features · k + v, (k, v) a bias-free linear map of the prior (no "+1"
-    on k, as the official code). With residual=True it is features · (1 + k) + v with the map
+    """The prior fusion module: features · k + v, (k, v) a bias-free linear map of the prior (no
+    "+1" on k, as the official code). With residual=True it is features · (1 + k) + v with the map
     starting at zero: the identity at first, so that a prior added to a trained backbone starts at
-    the backbone's own output (ours, for fine-tuning published weights; the same parameters).
-    """
+    the backbone's own output (ours, for fine-tuning published weights; the same parameters)."""
 
     def __init__(self, latent_dim, channels, residual=False):
         super().__init__()
@@ -358,13 +345,11 @@ class FeatureFusion(nn.Module):
         return self.out(F.relu(self.mix(h)))
 
 class MIMOUNet(nn.Module):
-    """
-    MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output,
+    """MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output,
     three scales. Input (B, 3, H, W): the image minus cfg.input_offset, H and W divisible by 4.
     Returns the restored image (in the input's range) at 1/4, 1/2 and full scale, each the
     network's residual added to the equally scaled input. With cfg.prior a prior fusion module
-    modulates the input of each decoder stage; without, this is the plain backbone.
-    """
+    modulates the input of each decoder stage; without, this is the plain backbone."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -423,12 +408,10 @@ def spectrum(x):
     return torch.view_as_real(torch.fft.rfft2(x))  # 2-D real FFT, real and imaginary parts stacked
 
 def deblur_loss(outputs, sharp, cfg):
-    """
-    The deblurring loss, Eq. (5.2): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C the
-    Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size, FFT
-    the 2-D real FFT (official: a 1-D FFT along the height; MIMO-UNet: L1 on the 2-D FFT).
-    outputs: a list of scales; sharp in [0, 1].
-    """
+    """The deblurring loss, Eq. (5.2): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C
+    the Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size,
+    FFT the 2-D real FFT (official: a 1-D FFT along the height; MIMO-UNet: L1 on the 2-D FFT).
+    outputs: a list of scales; sharp in [0, 1]."""
     content = frequency = 0.0
     for out in outputs:
         target = sharp
@@ -469,8 +452,7 @@ class BlurDM(nn.Module):
         1. prior Z^S = SE(blur, sharp); SE and the deblurrer learn the deblurring loss;
         2. prior Z_0^B = chain(BE(blur)), target Z^S, SE frozen; BE, estimators learn L_prior;
         3. prior Z_0^B = chain(BE(blur)); BE, estimators and deblurrer learn the deblurring loss.
-    Inference: deblur(blurry).
-    """
+    Inference: deblur(blurry)."""
 
     def __init__(self, cfg=None, deblurrer=None):
         super().__init__()
@@ -506,10 +488,8 @@ class BlurDM(nn.Module):
         return self.diffusion.p_sample_loop(x_T, z_blur, self.blur_estimator, self.noise_estimator)
 
     def forward(self, blur, sharp, stage=3):
-        """
-        The training loss of a stage. blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by 4.
-        Without a prior there is one loss, the deblurring loss, whatever the stage.
-        """
+        """The training loss of a stage. blur, sharp: (B, 3, H, W) in [0, 1], H and W divisible by
+        4. Without a prior there is one loss, the deblurring loss, whatever the stage."""
         if not self.cfg.prior:
             return deblur_loss(self.run_deblurrer(blur, None), sharp, self.cfg)
         if stage == 1:
@@ -540,12 +520,10 @@ class BlurDM(nn.Module):
 
     @torch.inference_mode()
     def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
-        """
-        Inference (puts the model in eval mode): blurry (B, 3, H, W) or (3, H, W), floats in [0, 1],
-        any size -> the sharp estimate, of the same shape, dtype and device, in [0, 1] (NaN where
-        the network's output is not finite). All T steps run; `seed` fixes ε (official: 2023); a
-        `prior` (B, d) may be given instead.
-        """
+        """Inference (puts the model in eval mode): blurry (B, 3, H, W) or (3, H, W), floats in [0,
+        1], any size -> the sharp estimate, of the same shape, dtype and device, in [0, 1] (NaN
+        where the network's output is not finite). All T steps run; `seed` fixes ε (official: 2023);
+        a `prior` (B, d) may be given instead."""
         x = blurry[None] if blurry.dim() == 3 else blurry
         if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point() or not (
                 0 <= x.min() and x.max() <= 1):
