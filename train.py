@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,20 +91,24 @@ def main(args):
         return evaluate_test_split(args, splits, device, out, say)
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)}")
-    pairs, val_pairs = splits["train"], splits.get("test") or splits["train"][::10] * bool(args.val_count)
-    pairs = [p for p in pairs if p not in val_pairs] or pairs  # no test split: a tenth held out
+    pairs = splits["train"]
+    val_pairs = splits.get("test") or (pairs[::10] if args.val_count else [])  # or a tenth
+    pairs = [p for p in pairs if p not in val_pairs] or pairs
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []
     val_images = list(blurdm.validation_images(val_pairs, args.val_crop, args.seed, args.blur_length))
     if val_images:
         say(f"validation: {len(val_images)} images, the blurry input scores "
             f"{np.mean([blurdm.psnr(b, s) for _, b, s in val_images]):.2f} dB")
-    steps = args.iters or [math.ceil(e * len(pairs) / recipe["batch_size"]) for e in recipe["stage_epochs"]]
-    files = sorted({f for pair in pairs + val_pairs for f in pair if f})
+    epoch = len(pairs) / recipe["batch_size"]  # steps an epoch
+    steps = args.iters or [math.ceil(e * epoch) for e in recipe["stage_epochs"]]
+    if not any(steps):
+        raise ValueError("--iters: no stage has a step")
+    files = {os.path.relpath(f, args.data): os.stat(f) for pair in pairs + val_pairs for f in pair
+             if f}  # a resumed run compares each file's size and time
     settings = dict(recipe, preset=args.preset, no_prior=args.no_prior, amp=precision, steps=steps,
                     init=args.init and str(Path(args.init).resolve()), seed=args.seed,
                     blur_length=list(args.blur_length), val_count=args.val_count,
-                    data=[[os.path.relpath(f, args.data), os.stat(f).st_size, os.stat(f).st_mtime_ns]
-                          for f in files])
+                    data=sorted((f, s.st_size, s.st_mtime_ns) for f, s in files.items()))
     run = SimpleNamespace(args=args, recipe=recipe, settings=settings, device=device, rank=rank,
                           world=world, autocast=autocast, out=out, say=say, val_images=val_images,
                           log=None, stop=[], started=time.time())  # what every step reads
@@ -128,8 +131,8 @@ def main(args):
             if train_stage(model, stage, loader, state, run):
                 return 128 + run.stop[0]
             state = None
-    say(f"done in {timedelta(seconds=round(time.time() - run.started))}: "
-        f"{out / f'stage{stages[-1]}.pt'}")
+    last = max(s for s in (1, 2, 3) if steps[s - 1])
+    say(f"done in {timedelta(seconds=round(time.time() - run.started))}: {out}/stage{last}.pt")
     return 0
 
 def train_stage(model, stage, loader, state, run):
@@ -150,11 +153,10 @@ def train_stage(model, stage, loader, state, run):
     what = " + ".join(blurdm.STAGE_PARTS[stage]) if model.cfg.prior else "deblurrer, no prior"
     run.say(f"stage {stage} ({what}): steps {step}..{total}, " + ", ".join(
         f"{k} {v}" for k, v in run.recipe.items() if k != "stage_epochs"))
-    batches, starts, logged = iter(loader), deque(maxlen=100), time.time()
-    loss_sum, n = 0.0, 0
+    batches, first, started = iter(loader), step, time.time()
+    logged, loss_sum, n = started, 0.0, 0
     while step < total:
         t0 = time.time()
-        starts.append(t0)  # a step lasts until the next starts: validation and saving included
         blur, sharp = blurdm.training_batch(next(batches), run.device)
         t1 = time.time()
         torch.manual_seed(hash((run.settings["seed"], stage, step, run.rank)))  # ε and dropout
@@ -182,7 +184,7 @@ def train_stage(model, stage, loader, state, run):
             raise ValueError(f"loss is {loss_value} at stage {stage} step {step}; stopped, the "
                              "last checkpoint is kept (a lower --lr, or --amp bf16 for fp16)")
         if log and run.rank == 0:
-            ms, pace = 1000 * (time.time() - t0), (time.time() - starts[0]) / len(starts)
+            ms, pace = 1000 * (time.time() - t0), (time.time() - started) / (step - first)
             left = [round(pace * (total - step)), round(pace * sum(run.settings["steps"][stage:]))]
             run.say(f"stage {stage} step {step}/{total} | loss {loss_value:.4f} | lr {lr:.1e} | "
                     f"{ms:.0f} ms (data {1000 * (t1 - t0):.0f}) | left: stage "
