@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 import blurdm
@@ -65,7 +66,7 @@ def main(args):
     try:
         todo, problems = jobs(args.inputs, args.out)
         device = blurdm.pick_device(args.device)
-        model = blurdm.load_model(args.ckpt).to(device)
+        model = blurdm.load_model(args.ckpt).to(device, memory_format=torch.channels_last)
     except Exception as err:
         print(f"error: {say_file(args.ckpt, err)}", file=sys.stderr)
         return 1
