@@ -1,20 +1,17 @@
-"""
-Train BlurDM in three stages (METHOD.md §5): stage 1 the sharp encoder and the deblurrer, stage 2
-the blur encoder and the residual estimators, stage 3 all but the sharp encoder.
+"""Train BlurDM in three stages (METHOD.md §5): 1. the sharp encoder and the deblurrer, 2. the
+blur encoder and the residual estimators, 3. all but the sharp encoder. Rerun a command to resume
+it from out/last.pt (Ctrl-C and SIGTERM save first).
 
     python train.py --data GOPRO_Large/                     # the paper's recipe, MIMO-UNet+
     python train.py --data photos/ --preset demo --iters 2000 300 1700   # photographs, blurred here
     python train.py --data GOPRO_Large/ --init MIMO-UNetPlus.pkl --iters 31800 5300 31800
     torchrun --nproc_per_node=4 train.py --data GOPRO_Large/      # one process a GPU
     python train.py --data GOPRO_Large/ --eval-only --init out/stage3.pt   # PSNR / SSIM, test split
-
-Rerun a command to resume it from out/last.pt (Ctrl-C and SIGTERM save first).
 """
 
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -38,9 +35,10 @@ def name(text):  # an argparse type: a path, never empty (an unset variable)
         raise argparse.ArgumentTypeError("an empty name")
     return text
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", type=name, required=True, help="GoPro, RealBlur, HIDE, pairs or photos")
-p.add_argument("--out", type=name, default="out", help="checkpoints, log.jsonl, scores.csv")
+p.add_argument("--out", type=name, default="out", help="checkpoints and scores.csv")
 p.add_argument("--preset", default="paper", choices=list(blurdm.PRESETS), help="demo: for CPUs")
 p.add_argument("--no-prior", action="store_true", help="the backbone alone, the paper's baseline")
 p.add_argument("--init", type=name, help="weights to start from (any kind), or to --eval-only")
@@ -77,14 +75,13 @@ def main(args):
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min)
-    recipe = blurdm.TRAINING_RECIPES[args.preset] | {k: v for k, v in given.items() if v is not None}
+    recipe = blurdm.TRAINING_RECIPES[args.preset] | {k: v for k, v in given.items() if v}
     autocast, precision = blurdm.autocast(device, args.amp)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits, problems = blurdm.find_pairs(args.data)
-    photos = next(iter(splits.values()))[0][0] is None
     say(f"data: {args.data}: " + ", ".join(f"{len(v)} {k} pairs" for k, v in splits.items())
-        + (" of sharp photographs, blurred on the fly" if photos else ""))
+        + " of sharp photographs, blurred on the fly" * ([*splits.values()][0][0][0] is None))
     for line in problems:
         say(f"warning: {line}")
     if args.eval_only:
@@ -95,7 +92,7 @@ def main(args):
     val_pairs = splits.get("test") or (pairs[::10] if args.val_count else [])  # or a tenth
     pairs = [p for p in pairs if p not in val_pairs] or pairs
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []
-    val_images = list(blurdm.validation_images(val_pairs, args.val_crop, args.seed, args.blur_length))
+    val_images = [*blurdm.validation_images(val_pairs, args.val_crop, args.seed, args.blur_length)]
     if val_images:
         say(f"validation: {len(val_images)} images, the blurry input scores "
             f"{np.mean([blurdm.psnr(b, s) for _, b, s in val_images]):.2f} dB")
@@ -111,7 +108,7 @@ def main(args):
                     data=sorted((f, s.st_size, s.st_mtime_ns) for f, s in files.items()))
     run = SimpleNamespace(args=args, recipe=recipe, settings=settings, device=device, rank=rank,
                           world=world, autocast=autocast, out=out, say=say, val_images=val_images,
-                          log=None, stop=[], started=time.time())  # what every step reads
+                          stop=[], started=time.time())  # what every step reads
     for signum in (signal.SIGINT, signal.SIGTERM):  # training: Ctrl-C and SIGTERM save first
         signal.signal(signum, lambda signum, frame: request_stop(run, signum))
     model, stages, state = where_to_start(run)
@@ -125,16 +122,15 @@ def main(args):
     dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, args.seed)
     per_rank = recipe["batch_size"] // world
     workers = args.workers if args.workers is not None else 4 * (device.type == "cuda")
-    with open(out / "log.jsonl", "a") as run.log:
-        for stage in stages:  # sample k of step s is a function of (seed, stage, s, k)
-            first = state["step"] if state else 0
-            items = ((stage, s, k) for s in range(first, steps[stage - 1])
-                     for k in range(rank * per_rank, (rank + 1) * per_rank))
-            loader = DataLoader(dataset, per_rank, sampler=items, num_workers=workers,
-                                worker_init_fn=ignore_signals, pin_memory=device.type == "cuda")
-            if train_stage(model, stage, loader, state, run):
-                return 128 + run.stop[0]
-            state = None
+    for stage in stages:  # sample k of step s is a function of (seed, stage, s, k)
+        first = state["step"] if state else 0
+        items = ((stage, s, k) for s in range(first, steps[stage - 1])
+                 for k in range(rank * per_rank, (rank + 1) * per_rank))
+        loader = DataLoader(dataset, per_rank, sampler=items, num_workers=workers,
+                            worker_init_fn=ignore_signals, pin_memory=device.type == "cuda")
+        if train_stage(model, stage, loader, state, run):
+            return 128 + run.stop[0]
+        state = None
     last = max(s for s in (1, 2, 3) if steps[s - 1])
     say(f"done in {timedelta(seconds=round(time.time() - run.started))}: {out}/stage{last}.pt")
     return 0
@@ -180,7 +176,8 @@ def train_stage(model, stage, loader, state, run):
             stopping = flag.item() > 0
         save = step % run.args.save_every == 0 or step == total or stopping
         log = step in (1, total) or step % run.args.log_every == 0 or time.time() - logged > 60
-        validate = run.rank == 0 and run.val_images and (step % run.args.val_every == 0 or save)
+        validate = run.rank == 0 and run.val_images and (step % run.args.val_every == 0
+                                                         or step == total)
         if not (save or log or validate):
             continue  # no host sync: the loss is read at log, validation and save steps
         loss_value, loss_sum, n = float(loss_sum) / n, 0.0, 0
@@ -193,15 +190,12 @@ def train_stage(model, stage, loader, state, run):
             run.say(f"stage {stage} step {step}/{total} | loss {loss_value:.4f} | lr {lr:.1e} | "
                     f"{ms:.0f} ms (data {1000 * (t1 - t0):.0f}) | left: stage "
                     f"{timedelta(seconds=left[0])}, run {timedelta(seconds=sum(left))}", flush=True)
-            print(json.dumps(dict(stage=stage, step=step, loss=loss_value, lr=lr, ms=round(ms, 1))),
-                  file=run.log, flush=True)
             logged = time.time()
-        if validate and (step % run.args.val_every == 0 or step == total):
+        if validate:
             psnr, ssim = np.mean(list(blurdm.evaluate(model, run.val_images, run.device, stage)), 0)
             model.set_stage(stage)  # back to this stage's training modes
             run.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}"
-                    + " | prior SE(blur, sharp)" * (model.cfg.prior and stage == 1))
-            print(json.dumps(dict(stage=stage, step=step, psnr=psnr, ssim=ssim)), file=run.log)
+                    + " | prior SE(blur, sharp)" * (model.cfg.prior and stage == 1), flush=True)
         for name in ["last.pt", *[f"stage{stage}.pt"] * (step == total)] if save else []:
             if run.rank == 0:
                 blurdm.save_checkpoint(run.out / name, model, settings=run.settings, stage=stage,
@@ -236,19 +230,17 @@ def where_to_start(run):
             "finished" if finished else f"resumes at step {state['step']}"))
         return model, stages, None if finished else state
     if stages[0] > 1 and not args.init:
-        raise ValueError(f"stage {stages[0]} starts from a stage {stages[0] - 1} model: pass --init")
+        raise ValueError(f"stage {stages[0]} starts from a stage-{stages[0] - 1} model: --init")
     if not args.init:
         cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior)
         return blurdm.BlurDM(cfg), stages, None
     cfg, weights, _ = blurdm.read_checkpoint(args.init)
-    if args.no_prior and cfg.prior:
-        raise ValueError(f"{args.init}: its deblurrer was trained with a prior, not --no-prior")
     new_prior = not cfg.prior and not args.no_prior  # a published backbone gains a prior
-    if new_prior and stages[0] > 1:
-        raise ValueError(f"{args.init}: a backbone without a prior; its prior trains from stage 1")
-    if new_prior:
-        cfg = dataclasses.replace(cfg, prior=True, fusion_residual=True)
-    model = blurdm.BlurDM(cfg)
+    if args.no_prior and cfg.prior or new_prior and stages[0] > 1:
+        raise ValueError(f"{args.init}: " + ("trained with a prior, not for --no-prior" if cfg.prior
+                                             else "a backbone: its prior trains from stage 1"))
+    model = blurdm.BlurDM(dataclasses.replace(cfg, prior=True, fusion_residual=True)
+                          if new_prior else cfg)
     prior_networks = ("blur_encoder.", "blur_estimator.", "noise_estimator.")  # stage 2 trains them
     new = {1: ("sharp_encoder.", "deblurrer.prior_fusion.", *prior_networks), 2: prior_networks,
            3: ("sharp_encoder.",)}[stages[0]]  # what a stage may start without
@@ -261,10 +253,11 @@ def evaluate_test_split(args, splits, device, out, say):
     """--eval-only: score --init on each pair of the test split (else the only one), in fp32."""
     if not args.init:
         raise ValueError("--eval-only scores --init CKPT")
-    model, pairs = blurdm.load_model(args.init).to(device), splits.get("test", [*splits.values()][0])
-    rows = []
+    model, pairs, rows = blurdm.load_model(args.init).to(device), splits.get("test"), []
+    pairs = pairs or [*splits.values()][0]
     for image in blurdm.validation_images(pairs, 0, args.seed, args.blur_length):
-        rows.append((image[0], *(round(v, 6) for v in next(blurdm.evaluate(model, [image], device)))))
+        psnr, ssim = next(blurdm.evaluate(model, [image], device))
+        rows.append((image[0], round(psnr, 4), round(ssim, 6)))
         say(f"{image[0]} | PSNR {rows[-1][1]:.2f} dB | SSIM {rows[-1][2]:.4f}")
     with blurdm.atomic(out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("input", "psnr_db", "ssim"), *rows])
