@@ -433,7 +433,7 @@ def pad_to(x, multiple):
     """Pad (B, C, H, W) at the bottom and right to multiples of `multiple`, the border reflected
     (replicated where the image is too small to reflect)."""
     H, W = x.shape[-2:]
-    mode = "reflect" if min(H, W) > multiple else "replicate"
+    mode = "reflect" if min(H, W) > multiple else "replicate"  # (official: reflect, or an error)
     return F.pad(x, (0, -W % multiple, 0, -H % multiple), mode=mode)
 
 STAGE_PARTS = {  # what each training stage optimises; the rest is frozen (METHOD.md §5)
@@ -520,10 +520,10 @@ class BlurDM(nn.Module):
 
     @torch.inference_mode()
     def deblur(self, blurry, seed=INFERENCE_SEED, prior=None):
-        """Inference (puts the model in eval mode): blurry (B, 3, H, W) or (3, H, W), floats in [0,
-        1], any size -> the sharp estimate, of the same shape, dtype and device, in [0, 1] (NaN
-        where the network's output is not finite). All T steps run; `seed` fixes ε (official: 2023);
-        a `prior` (B, d) may be given instead."""
+        """Inference (puts the model in eval mode): blurry (B, 3, H, W) or (3, H, W), floats in
+        [0, 1], any size -> the sharp estimate, of the same shape, dtype and device, in [0, 1] (NaN
+        where the network's output is not finite). All T steps run; `seed` fixes ε (official:
+        2023); a `prior` (B, d) may be given instead."""
         x = blurry[None] if blurry.dim() == 3 else blurry
         if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point() or not (
                 0 <= x.min() and x.max() <= 1):
@@ -556,7 +556,7 @@ from torch.utils.data import Dataset
 
 # 7. Large images in tiles, all modulated by one prior computed on the whole image -----------------
 
-PRIOR_MAX_PIXELS = 16_000_000  # larger images: the blur encoder sees an area-downscaled copy
+PRIOR_MAX_PIXELS = 16_000_000  # larger: the blur encoder sees a downscaled copy (official: none)
 
 @torch.inference_mode()
 def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):

@@ -77,6 +77,8 @@ def main(args):
     given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min)
     recipe = blurdm.TRAINING_RECIPES[args.preset] | {k: v for k, v in given.items() if v}
     autocast, precision = blurdm.autocast(device, args.amp)
+    if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
+        say(f"note: --preset {args.preset} is sized for GPUs (a minute a step here); demo for CPUs")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits, problems = blurdm.find_pairs(args.data)
