@@ -525,7 +525,7 @@ class BlurDM(nn.Module):
         where the network's output is not finite). All T steps run; `seed` fixes ε (official:
         2023); a `prior` (B, d) may be given instead."""
         x = blurry[None] if blurry.dim() == 3 else blurry
-        if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point() or not (
+        if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point() or not x.numel() or not (
                 0 <= x.min() and x.max() <= 1):
             raise ValueError(f"deblur takes floats in [0, 1], (B, 3, H, W) or (3, H, W), not "
                              f"{x.dtype} {tuple(blurry.shape)} (or NaN, or outside [0, 1])")
@@ -860,7 +860,9 @@ def find_pairs(root):
         else:
             continue
         used |= {path, partner}
-        if partner is not None:
+        if partner is None:
+            left.append(path)
+        else:
             add(folders, (str(path), str(partner)))
     if used:  # pairs: say what is left out (GoPro's blur_gamma/ and HIDE's GT/ apart)
         left += [p for key, p in images.items()

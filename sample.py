@@ -1,5 +1,4 @@
-"""
-Deblur photographs with a BlurDM checkpoint: files and folders in, <stem>_deblurred.png out.
+"""Deblur photographs with a BlurDM checkpoint: files and folders in, <stem>_deblurred.png out.
 
     python sample.py blurry.png                           # -> blurry_deblurred.png beside it
     python sample.py photos/ -o out/                      # a folder, sub-folders mirrored in out/
@@ -23,14 +22,12 @@ import blurdm
 
 DEMO = Path(__file__).resolve().parent / "weights" / "blurdm-demo.pt"
 
-
 def name(text):  # an argparse type: a path, never empty (an unset variable)
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty name")
     return text
 
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], epilog=__doc__,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("inputs", nargs="+", type=name, metavar="INPUT", help="image files, folders")
 parser.add_argument("-o", "--out", type=name, help="output file (one input) or folder")
@@ -42,7 +39,6 @@ parser.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "f
 parser.add_argument("--tile", type=int, default=1536, help="tile size in px (0: whole images)")
 parser.add_argument("--overlap", type=int, default=64, help="pixels neighbouring tiles share")
 parser.add_argument("--seed", type=int, default=blurdm.INFERENCE_SEED, help="of the start noise")
-
 
 def jobs(inputs, out):
     """[(image, output path)] for the INPUT arguments, and a line for each that names no image."""
@@ -61,11 +57,14 @@ def jobs(inputs, out):
         found = [(found[0][0], Path(out))]
     return found, problems
 
-
 def main(args):
     try:
         todo, problems = jobs(args.inputs, args.out)
         device = blurdm.pick_device(args.device)
+    except ValueError as err:  # -o or --device
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
         model = blurdm.load_model(args.ckpt).to(device, memory_format=torch.channels_last)
     except Exception as err:
         print(f"error: {say_file(args.ckpt, err)}", file=sys.stderr)
@@ -105,12 +104,10 @@ def main(args):
         f" | {seconds / written:.2f} s an image ({device}, {precision})" if written else ""))
     return 1 if failed else 0
 
-
 def say_file(path, err):
     """The error as one line that names the file it is about."""
     line = blurdm.error_line(err)
     return line if str(path) in line else f"{path}: {line}"
-
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: no temp file stays

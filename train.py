@@ -75,7 +75,8 @@ def main(args):
     if world > 1:  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     given = dict(batch_size=args.batch, crop=args.crop, lr=args.lr, lr_min=args.lr_min)
-    recipe = blurdm.TRAINING_RECIPES[args.preset] | {k: v for k, v in given.items() if v}
+    recipe = blurdm.TRAINING_RECIPES[args.preset] | {k: v for k, v in given.items()
+                                                      if v is not None}
     autocast, precision = blurdm.autocast(device, args.amp)
     if device.type == "cpu" and args.preset in ("paper", "mimo-unet") and not args.eval_only:
         say(f"note: --preset {args.preset} is sized for GPUs (a minute a step here); demo for CPUs")
@@ -285,17 +286,20 @@ def cli(argv=None):
     """The entry point: one `error:` line (from rank 0) and exit code 1 for any failure."""
     args = p.parse_args(argv)
     try:
-        return main(args)
+        try:
+            return main(args)
+        finally:  # before a data loader's cleanup would wait on its workers: none outlives the run
+            ignore_signals()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill
+            for child in multiprocessing.active_children():
+                child.kill()
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # data, checkpoints, settings, files: the message names the file
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"train.py: error: {blurdm.error_line(err)}", file=sys.stderr, flush=True)
         return 1
-    finally:  # no data worker outlives the run, none holds up its exit
-        ignore_signals()
-        for child in multiprocessing.active_children():
-            child.kill()
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
