@@ -333,16 +333,26 @@ class FeatureAttention(nn.Module):
 
 class FeatureFusion(nn.Module):
     """AFF: conv3x3(ReLU(conv1x1(concat[f1, f2, f3]))), the encoder features of all three scales
-    resampled (nearest) to the size of one skip connection."""
+    resampled (nearest) to the size of one skip connection: `plain`, MIMO-UNet's form. forward
+    gives the same numbers without 7c channels at full size: nearest resampling commutes with a
+    1x1 conv, so each scale is mixed at the smaller of its own size and the skip's."""
 
-    def __init__(self, c_in, c_out):
+    def __init__(self, channels, c_out):
         super().__init__()
-        self.mix = nn.Conv2d(c_in, c_out, 1)
+        self.channels = channels  # of each scale: (c, 2c, 4c)
+        self.mix = nn.Conv2d(sum(channels), c_out, 1)
         self.out = basic_conv(c_out, c_out, 3, relu=False)
 
-    def forward(self, features, size):
+    def plain(self, features, size):
         h = torch.cat([F.interpolate(f, size=size) for f in features], 1)  # (B, 7c, *size)
         return self.out(F.relu(self.mix(h)))
+
+    def forward(self, features, size):
+        h = self.mix.bias.view(1, -1, 1, 1)
+        for f, w in zip(features, self.mix.weight.split(self.channels, 1)):
+            f = F.conv2d(F.interpolate(f, size=size) if f.shape[-1] > size[-1] else f, w)
+            h = h + (F.interpolate(f, size=size) if f.shape[-1] < size[-1] else f)
+        return self.out(F.relu(h))
 
 class MIMOUNet(nn.Module):
     """MIMO-UNet (num_res 8) / MIMO-UNet+ (num_res 20, dropout 0.1): multi-input, multi-output,
@@ -361,7 +371,7 @@ class MIMOUNet(nn.Module):
                                    basic_conv(2 * c, 4 * c, 3, stride=2)])
         self.shallow = nn.ModuleList([ShallowConv(2 * c), ShallowConv(4 * c)])
         self.attention = nn.ModuleList([FeatureAttention(2 * c), FeatureAttention(4 * c)])
-        self.fusion = nn.ModuleList([FeatureFusion(7 * c, c), FeatureFusion(7 * c, 2 * c)])
+        self.fusion = nn.ModuleList([FeatureFusion((c, 2 * c, 4 * c), ch) for ch in (c, 2 * c)])
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.decoders = nn.ModuleList([stage(4 * c), stage(2 * c), stage(c)])
         self.up = nn.ModuleList([basic_conv(4 * c, 2 * c, 4, stride=2, transpose=True),
