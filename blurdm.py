@@ -39,8 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------
-# Part I: the method
+# Part I: the method ===============================================================================
 # 1. Config ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -548,9 +547,7 @@ class BlurDM(nn.Module):
         out = out.clamp(0, 1).where(out.isfinite(), math.nan)  # never a white pixel for an overflow
         return out.reshape(blurry.shape).to(blurry)
 
-# --------------------------------------------------------------------------------------------------
-# Part II: the tools train.py and sample.py share; everything above this line runs without them
-# --------------------------------------------------------------------------------------------------
+# Part II: the tools train.py and sample.py share; everything above runs without them ==============
 
 import argparse
 import functools
@@ -570,9 +567,8 @@ PRIOR_MAX_PIXELS = 16_000_000  # larger: the blur encoder sees a downscaled copy
 
 @torch.inference_mode()
 def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
-    """model.deblur in tiles of `tile` px (0: whole), all modulated by the whole image's prior.
-    Neighbours share `overlap` px, each keeping the half away from its border; tiles start on
-    multiples of 8, where the untiled run has its 1/2 and 1/4 sampling grids."""
+    """model.deblur in tiles of `tile` px (0: whole) sharing the whole image's prior; neighbours
+    share `overlap` px, each keeping the half away from its edge; tiles start on multiples of 8."""
     if tile and (tile < max(64, 2 * overlap) or overlap < 0):
         raise ValueError(f"tile={tile} must be 0, or at least 64 and twice overlap={overlap} >= 0")
     x = blurry[None] if blurry.dim() == 3 else blurry
@@ -612,11 +608,10 @@ def psnr(x, y):
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 def ssim(x, y):
-    """The 3-D SSIM of the BlurDM tables (MATLAB's ssim on an RGB array, NAFNet's ssim3d) of two
-    uint8 RGB images (C, H, W): one H x W x C volume, a separable 11x11x11 Gaussian (σ 1.5) with
-    replicate padding of 5 on all three axes, the map averaged over every voxel (METHOD.md §6)."""
+    """The 3-D SSIM of the BlurDM tables (MATLAB's ssim of an RGB array; METHOD.md §6) of two uint8
+    RGB images (C, H, W): one H x W x C volume, an 11x11x11 Gaussian, replicate padding."""
     g = torch.exp(-(torch.arange(11, dtype=torch.float64, device=x.device) - 5) ** 2 / 4.5)
-    g = g / g.sum()
+    g = g / g.sum()  # σ 1.5, separable
 
     def blur3d(v):  # (1, 1, C, H, W) -> same shape, one axis at a time
         v = F.pad(v, (5,) * 6, mode="replicate")
@@ -635,8 +630,7 @@ def ssim(x, y):
 
 @torch.inference_mode()
 def evaluate(model, images, device, stage=3):
-    """(PSNR, SSIM) for each (name, blur, sharp) of uint8 (3, H, W) images, as the paper's tables
-    score; at stage 1 the prior is SE(blur, sharp), as that stage trains."""
+    """(PSNR, SSIM) of each (name, blur, sharp) uint8 image; stage 1's prior is SE(blur, sharp)."""
     for _, blur, sharp in images:
         blur, sharp = blur.to(device), sharp.to(device)
         prior = None
@@ -651,8 +645,7 @@ def evaluate(model, images, device, stage=3):
 
 @contextmanager
 def atomic(path):
-    """A temporary name beside `path` (the same suffix) to write to, renamed over `path` on success
-    and removed on failure: nobody sees half a file."""
+    """A temporary name beside `path` to write to, renamed over `path` on success: no half file."""
     tmp = Path(path).with_name(f".tmp.{Path(path).name}")
     try:
         yield tmp
@@ -679,8 +672,7 @@ def safe_load(path):
                          + (f" ({why[0]}, which could run code)" if why else "")) from None
 
 def read_checkpoint(path):
-    """A checkpoint of any known kind -> (BlurDMConfig, state dict in this module's names, the
-    file's dict); MIMO-UNet's and the official BlurDM code's files are converted."""
+    """A checkpoint of any known kind -> (BlurDMConfig, weights in our names, the file's dict)."""
     checkpoint = safe_load(path)
     if checkpoint.get("format") != "blurdm":
         return (*convert_foreign(Path(path), checkpoint), checkpoint)
@@ -692,8 +684,7 @@ def read_checkpoint(path):
     return BlurDMConfig(**config), checkpoint["model"], checkpoint
 
 def load_weights(model, state, path, optional=()):
-    """Copy `state` into `model`: every stored weight must fit, and every weight of the model be
-    stored but those whose names start with one of `optional` (they stay as built)."""
+    """`state` into `model`: all of it must fit, all of the model be in it but `optional` names."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(tuple(optional))]
     if missing or unexpected:
@@ -701,8 +692,7 @@ def load_weights(model, state, path, optional=()):
                          + ("missing from the file" if missing else "not in the model"))
 
 def load_model(path, *, deblurrer=None):
-    """Any checkpoint (this project's, MIMO-UNet's, the official BlurDM code's) -> a BlurDM in eval
-    mode on the CPU. A file saved with a custom deblurrer needs that module as `deblurrer`."""
+    """Any checkpoint -> a BlurDM in eval mode on the CPU (a custom deblurrer passed as such)."""
     cfg, state, checkpoint = read_checkpoint(path)
     if cfg.prior and checkpoint.get("stage") == 1:
         raise ValueError(f"{path}: a stage-1 checkpoint, its blur diffusion untrained; deblur with "
@@ -712,8 +702,7 @@ def load_model(path, *, deblurrer=None):
     return model.eval()
 
 def mimo_unet_names(num_res):
-    """{name in MIMO-UNet's state dict (the official BlurDM deblurrer's too): ours}. Its BasicConv
-    keeps the conv at .main.0; its SCM1/FAM1 serve the 1/4 scale, SCM2/FAM2 the 1/2 scale."""
+    """{MIMO-UNet's name (the official BlurDM deblurrer's too): ours}; SCM1, FAM1: the 1/4 scale."""
     modules = {"feat_extract.0": "stem.0", "feat_extract.1": "down.0.0",
                "feat_extract.2": "down.1.0", "feat_extract.3": "up.0.0", "feat_extract.4": "up.1.0",
                "feat_extract.5": "to_image.2", "ConvsOut.0": "to_image.0",
@@ -732,9 +721,8 @@ def mimo_unet_names(num_res):
                     for i in range(3)}
 
 def official_prior_names(cfg):
-    """{name in the official code's diffusion (model_dm_state) and sharp encoder (model_le_state):
-    ours}. Its LE_arch numbers the layers of one Sequential E (BatchNorm, where left out, keeps no
-    place); its estimators are resmlp.0, then resmlp.k.resmlp.0."""
+    """{official name in model_dm_state and model_le_state: ours}. LE_arch numbers the layers of one
+    Sequential E, BatchNorm only where there is one; the estimators: resmlp.0, resmlp.k.resmlp.0."""
     n, names = cfg.encoder_blocks, {}
     for theirs, ours, bn in (("condition_encoder.", "blur_encoder.", False),
                              ("le.", "sharp_encoder.", True)):
@@ -754,10 +742,8 @@ def official_prior_names(cfg):
     return names
 
 def convert_foreign(path, checkpoint):
-    """MIMO-UNet's files ({'model': weights}) and the official BlurDM code's (last_*.pth with
-    model_state and model_dm_state, or final_deblur_*.pth with final_dm_*.pth and final_le_*.pth
-    beside it) -> (config, weights in our names). MIMO-UNet sees [0, 1], BlurDM [-0.5, 0.5],
-    trained with the official β̄ and Charbonnier prior loss."""
+    """MIMO-UNet's {'model': weights}; the official last_*.pth (model_state, model_dm_state) or
+    final_deblur_*.pth (with final_dm_*.pth, final_le_*.pth beside it) -> (config, our weights)."""
     parts = {}
     for key, part, prefix in (("model_state", "deblur", ""), ("model_dm_state", "dm", ""),
                               ("model_le_state", "le", "le.")):
@@ -794,9 +780,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 DEBLURRED_TAG = "_deblurred"  # sample.py writes <stem>_deblurred.png: folder scans leave them out
 
 def read_image(path, extras=False):
-    """An image file -> float RGB (3, H, W) in [0, 1] at the file's full range (16-bit gray kept;
-    floats in [0, 1] or holding 8-bit values; any other range refused), EXIF orientation applied.
-    With extras: (rgb, {"icc_profile": bytes or None, "grayscale": bool})."""
+    """An image file -> RGB (3, H, W) in [0, 1] at its full range, other ranges refused; EXIF turns
+    applied. With extras: (rgb, {"icc_profile": bytes or None, "grayscale": bool})."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
@@ -819,8 +804,7 @@ def read_image(path, extras=False):
     return (rgb.contiguous(), extra) if extras else rgb.contiguous()
 
 def write_image(image, path, icc_profile=None):
-    """(3, H, W) RGB or (1, H, W) grayscale in [0, 1] -> an 8-bit image file, its format from the
-    suffix (JPEG, WebP at quality 95), with the colour profile where its colour space fits."""
+    """(3 or 1, H, W) in [0, 1] -> an 8-bit file of the suffix's format (the profile if it fits)."""
     from PIL import Image
 
     arr = to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
@@ -831,8 +815,7 @@ def write_image(image, path, icc_profile=None):
     Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(path, **options)
 
 def list_images(folder):
-    """The image files under `folder`, sorted; hidden ones and sample.py's outputs left out. Folder
-    links are not followed, so a link loop cannot hang the walk."""
+    """Image files under `folder`, sorted, hidden ones and outputs left out; links not followed."""
     found = (Path(root) / f for root, _, files in os.walk(folder) for f in files)
     return sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.stem.endswith(DEBLURRED_TAG)
@@ -898,9 +881,8 @@ BLUR_LENGTH = (4.0, 30.0)  # camera path lengths in pixels: GoPro-like blurs, sl
 
 def camera_shake(num_subframes=41, length=20.0, rotation=0.0, zoom=0.0, turn=120.0, generator=None):
     """A camera path (N, 4) float64, a row a sub-frame (dx, dy px, rotation rad, log zoom): `length`
-    px at constant speed along a heading that turns smoothly (the rate of turn a random walk), so
-    the time centre, the sharp image, is the streak's middle (METHOD.md §7); `rotation` degrees and
-    `zoom` over the exposure make the blur vary across the image."""
+    px at constant speed, the heading's rate of turn a random walk (METHOD.md §7); `rotation`
+    degrees and `zoom` over the exposure make the blur vary across the image."""
     n, f64 = num_subframes, dict(generator=generator, dtype=torch.float64)
     rate = torch.randn((), **f64) + torch.cumsum(torch.randn(n, **f64), 0) / math.sqrt(n)
     heading = 2 * math.pi * torch.rand((), **f64) + torch.cumsum(rate, 0) * math.radians(turn) / n
@@ -935,9 +917,8 @@ def draw_blur(sharp, generator=None, length=BLUR_LENGTH, subframes=41, max_rotat
     return sharp, path, centre(noise, window[2:] if window else sharp.shape[-2:])
 
 def blur_images(regions, paths, counts, noise):
-    """Blurred sRGB (n, 3, h, w): regions (n, 3, H, W) moved along paths (n, N, 4), of counts[i]
-    sub-frames each: render_exposures' integral over the whole path (B_T), the centre (h, w) of
-    noise's size, plus noise, in 8 bits."""
+    """regions (n, 3, H, W) moved along paths (n, N, 4) of counts[i] sub-frames -> the exposures'
+    integral B_T, its centre of noise's size, plus noise, in 8 bits (n, 3, h, w)."""
     k = torch.arange(paths.shape[1], device=counts.device)
     weights = (k < counts[:, None]) / counts[:, None]  # (n, N): a shorter path's extra rows weigh 0
     theta = affine_theta(paths, *regions.shape[-2:])  # (n, N, 2, 3)
@@ -959,8 +940,7 @@ def centre(image, size):
 
 @functools.lru_cache(maxsize=64)  # per process: a small photo set is decoded once, not per sample
 def load_pair(blur_path, sharp_path, min_size=1):
-    """(blur or None, sharp) as uint8 (3, H, W); ValueError naming the file where sizes differ or
-    are under min_size."""
+    """(blur or None, sharp) as uint8 (3, H, W) of one size, min_size at least."""
     sharp = to_uint8(read_image(sharp_path))
     blur = to_uint8(read_image(blur_path)) if blur_path else None
     if blur is not None and blur.shape != sharp.shape or min(sharp.shape[1:]) < min_size:
@@ -1004,16 +984,14 @@ class PairDataset(Dataset):
         return pair[0], pair[1]
 
 def training_batch(batch, device):
-    """A collated batch of PairDataset items -> (blur, sharp), each (B, 3, c, c) in [0, 1] on
-    `device`, photographs blurred there by one blur_images for the whole batch."""
+    """PairDataset items, collated -> (blur, sharp) on `device`, photographs blurred there."""
     batch = [x.to(device, non_blocking=True) for x in batch]
     if len(batch) == 4:
         batch = blur_images(*batch), centre(batch[0], batch[3].shape[-2:])
     return batch
 
 def validation_images(pairs, crop, seed, blur_length):
-    """(name, blur, sharp) uint8 centre crops (crop 0: whole images); photographs blurred from a
-    fixed seed, away from their edges. A pair that cannot be read is left out with a warning."""
+    """(name, blur, sharp) uint8 centre crops (crop 0: whole), photographs blurred from `seed`."""
     for j, (blur_path, sharp_path) in enumerate(pairs):
         try:
             blur, sharp = load_pair(blur_path, sharp_path)
@@ -1034,15 +1012,13 @@ def validation_images(pairs, crop, seed, blur_length):
 
 def pick_device(name="auto"):
     """'auto' (CUDA when there is one), 'cpu' or 'cuda' -> torch.device; the one CUDA check."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: this PyTorch build sees no CUDA device")
     return torch.device(name)
 
 def autocast(device, amp="auto"):
-    """A precision -> (autocast context, the precision that runs): auto is bf16 where native
-    (CUDA, CPUs with AVX-512 BF16 or AMX), else fp32, the exact path; bf16, fp16 where native."""
+    """A precision -> (autocast context, what runs): auto is bf16 where native, else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
         native = {"bf16": torch.cuda.is_bf16_supported(), "fp16": True}
