@@ -49,12 +49,10 @@ p.add_argument("--crop", type=int, help="training crop, a multiple of 4 (paper: 
 p.add_argument("--lr", type=float, help="Adam's lr, a cosine decay to --lr-min in each stage")
 p.add_argument("--lr-min", type=float)
 p.add_argument("--seed", type=int, default=2023)
-p.add_argument("--blur-length", type=float, nargs=2, default=blurdm.BLUR_LENGTH,
-               metavar=("LO", "HI"), help="camera paths in px for photographs")
+p.add_argument("--blur-length", type=float, nargs=2, default=blurdm.BLUR_LENGTH, metavar="PX")
 p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on a CPU)")
 p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-               help="auto: bf16 where native, else fp32; fp32: the exact path")
+p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
 p.add_argument("--compile", action="store_true", help="torch.compile the networks (torch >= 2.2)")
 p.add_argument("--val-every", type=int, default=5000, help="validate every N steps, stage ends")
 p.add_argument("--val-count", type=int, default=100, help="at most this many validation images")
@@ -275,8 +273,7 @@ def request_stop(run, signum):
         raise KeyboardInterrupt
     run.stop.append(signum)
     if run.rank == 0:  # os.write: a print could interrupt the print it interrupted
-        os.write(1, f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to "
-                 "abort)\n".encode())
+        os.write(1, b"\nsaving after this step (Ctrl-C again to abort)\n")
 
 def ignore_signals(worker_id=None):  # data workers: the main process alone decides
     for signum in (signal.SIGINT, signal.SIGTERM):
