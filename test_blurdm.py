@@ -347,22 +347,9 @@ def test_part_one_alone_trains_the_three_stages_and_deblurs_exactly_as_the_modul
 SCHEDULE = ("alphas", "betas_bar", "time_stamps_list")  # dm buffers: the official module's, stored
 OFFICIAL = json.loads((ASSETS / "official_keys.json").read_text())  # the original names, shapes
 diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
-
-def oracle_weights(entries, seed):  # the rule of assets/make_oracle.py, from the key list alone
-    g, out = torch.Generator().manual_seed(seed), {}
-    for name, shape in sorted(entries):
-        u = lambda: 2 * torch.rand(shape, generator=g) - 1
-        if name in SCHEDULE:
-            continue
-        if name.endswith("num_batches_tracked"):
-            out[name] = torch.zeros(shape, dtype=torch.int64)
-        elif name.endswith("running_var"):
-            out[name] = 0.5 + torch.rand(shape, generator=g)
-        elif name.endswith("running_mean") or len(shape) < 2:
-            out[name] = 0.1 * u()
-        else:
-            out[name] = u() / math.sqrt(math.prod(shape[1:]))
-    return out
+spec = importlib.util.spec_from_file_location("make_oracle", ASSETS / "make_oracle.py")
+spec.loader.exec_module(make_oracle := importlib.util.module_from_spec(spec))
+oracle_weights = make_oracle.oracle_weights  # the rule the oracle's weights were drawn by
 
 @torch.no_grad()
 def test_outputs_equal_the_original_codes_on_the_same_weights(tmp_path, oracle):

@@ -1,25 +1,29 @@
 """
-assets/oracle.pt: the ORIGINAL code's outputs on random weights, which the tests pin blurdm.py to.
-Imported by nothing; run by hand: python assets/make_oracle.py MIMO_UNET_DIR BLURDM_SRC_DIR, the
-checkouts of chosj95/MIMO-UNet at commit 5c58013 (models/MIMOUNet.py: MIMOUNetPlus) and src/ of
-suxh19/BlurDM at commit a198412, the official upload (MIMO_UNet/models: MIMOUNetPlusPrior and
-LatentExposureDiffusion). Their unused imports `thop` and `einops` are stubbed here.
-Weights: oracle_weights(the entries of assets/official_keys.json, seed), seed 0 for MIMO-UNet+, 1
-the BlurDM deblurrer (model_state), 2 its diffusion (model_dm_state): with u = 2 * rand - 1 from one
+assets/oracle.pt: the original code's outputs on fixed weights, which the tests pin blurdm.py to.
+Run by hand, once: python assets/make_oracle.py MIMO_UNET_DIR BLURDM_SRC_DIR, the checkouts of
+chosj95/MIMO-UNet at commit 5c58013 (models/MIMOUNet.py: MIMOUNetPlus) and src/ of suxh19/BlurDM at
+commit a198412, the official upload (MIMO_UNet/models: MIMOUNetPlusPrior, LatentExposureDiffusion);
+their unused imports `thop` and `einops` are stubbed here. The tests draw the same weights with
+oracle_weights: from the entries of assets/official_keys.json, seed 0 for MIMO-UNet+, 1 for the
+BlurDM deblurrer (model_state), 2 for its diffusion (model_dm_state); u = 2 * rand - 1 from one
 generator, names sorted: u / sqrt(prod(shape[1:])) for 2+ dims, 0.1 * u for 1-D and running_mean,
 0.5 + rand running_var, 0 num_batches_tracked; alphas, betas_bar, time_stamps_list: the module's.
 BlurDM runs as its deblur_predict.py: image - 0.5, reflect-padded bottom and right to multiples of
 8; prior = dm(x), x_T = Z^B + betas_bar[T - 1] * randn_like after torch.manual_seed(2023).
 """
-import json, math, sys, types
+
+import json
+import math
+import sys
+import types
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 SCHEDULE = ("alphas", "betas_bar", "time_stamps_list")  # dm buffers taken from the module
-
 
 def oracle_weights(entries, seed):
     g, out = torch.Generator().manual_seed(seed), {}
@@ -37,12 +41,10 @@ def oracle_weights(entries, seed):
             out[name] = u() / math.sqrt(math.prod(shape[1:]))
     return out
 
-
 class Fn(torch.nn.Module):  # stands in for a submodule
     def __init__(self, fn):
         super().__init__()
         self.forward = fn
-
 
 def step_coefficients(dm):
     """Per t: the official step's coefficients on x_t, ê_t, ε̂_t, by running its forward from t
@@ -53,7 +55,6 @@ def step_coefficients(dm):
     ts = range(1, dm.total_timestamps + 1)
     one = lambda t: setattr(dm, "time_stamps_list", torch.tensor([t])) or dm(eye[:, :1])[:, 0]
     return torch.stack([one(t) for t in ts])  # (T, 3): row t - 1 for step t
-
 
 @torch.no_grad()
 def main(mimo_dir, blurdm_src):
@@ -94,7 +95,6 @@ def main(mimo_dir, blurdm_src):
         std = f"std {v.float().std():.4f}" if torch.is_tensor(v) and v.numel() > 1 else ""
         print(f"{k:18s} {tuple(v.shape) if torch.is_tensor(v) else v!s:18s} {std}")
     print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
