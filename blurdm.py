@@ -667,9 +667,11 @@ def safe_load(path):
         with allow([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch's message would advise weights_only=False
-        why = re.search(r"(?i)unsupported (?:global: )?GLOBAL [\w.]+", str(err))
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint"
-                         + (f" ({why[0]}, which could run code)" if why else "")) from None
+        cls = re.search(r"(?i)unsupported (?:global: )?(?:GLOBAL|class) ([\w.]+)", str(err))
+        why = "" if not cls else f" ({cls[1]}, which could run code)"
+        if cls and cls[1] == "argparse.Namespace":  # an official file on torch < 2.5
+            why = " (its argparse.Namespace loads safely with torch >= 2.5)"
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint{why}") from None
 
 def read_checkpoint(path):
     """A checkpoint of any known kind -> (BlurDMConfig, weights in our names, the file's dict)."""
