@@ -157,16 +157,14 @@ def test_an_untrained_deblurrer_is_the_identity(photo):
     out = BlurDM(BlurDMConfig.preset("tiny")).eval().deblur(photo)
     assert torch.allclose(out, photo, atol=1e-6)
 
-def test_backbones_without_prior_match_mimo_unet_and_only_the_sharp_encoder_has_batchnorm():
+def test_mimo_unet_counts_its_fusion_of_all_scales_and_only_the_sharp_encoder_has_batchnorm():
     assert n_params(BlurDM(BlurDMConfig.preset("paper", prior=False))) == 16_107_651  # MIMO-UNet+
     assert n_params(BlurDM(BlurDMConfig.preset("mimo-unet", prior=False))) == 6_807_171
     model, bn = BlurDM(BlurDMConfig.preset("paper")), torch.nn.BatchNorm2d
     assert isinstance(model.deblurrer.dropout, torch.nn.Dropout2d)
     assert any(isinstance(m, bn) for m in model.sharp_encoder.modules())
     assert not any(isinstance(m, bn) for m in model.blur_encoder.modules())
-
-def test_feature_fusion_equals_mimo_unets_concatenation_of_the_resampled_scales():
-    fusion = blurdm.FeatureFusion((4, 8, 16), 8)
+    fusion = blurdm.FeatureFusion((4, 8, 16), 8)  # AFF as MIMO-UNet writes it: concatenated scales
     f = [torch.randn(2, c, 32 // s, 48 // s) for c, s in ((4, 1), (8, 2), (16, 4))]
     for size in ((32, 48), (16, 24)):
         assert torch.allclose(fusion(f, size), fusion.plain(f, size), atol=1e-5)
@@ -308,8 +306,7 @@ def test_deblur_takes_floats_in_0_1_and_refuses_anything_else_with_one_value_err
 
 def test_deblur_gives_nan_where_the_network_output_is_not_finite_never_a_clamped_value():
     model = tiny()
-    with torch.no_grad():
-        model.deblurrer.to_image[2].bias[0] = math.inf  # the last head's red channel overflows
+    model.deblurrer.to_image[2].bias.data[0] = math.inf  # the last head's red channel overflows
     out = model.deblur(torch.rand(1, 3, 16, 24))
     assert out[:, 0].isnan().all() and out[:, 1:].isfinite().all()
 
@@ -323,8 +320,7 @@ def test_part_one_alone_trains_the_three_stages_and_deblurs_exactly_as_the_modul
     assert imported <= {"math", "dataclasses", "torch"}, imported
     (tmp_path / "blurdm_method.py").write_text(part_one)
     spec = importlib.util.spec_from_file_location("blurdm_method", tmp_path / "blurdm_method.py")
-    method = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(method)
+    spec.loader.exec_module(method := importlib.util.module_from_spec(spec))
     blur, sharp = (blurdm.read_image(ASSETS / f"example_{k}.png")[None, :, :64, :96]
                    for k in ("blurry", "sharp"))
     models = []
@@ -606,6 +602,20 @@ def test_two_gloo_processes_give_the_weights_of_one_process_with_the_same_global
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
     a, b = (blurdm.read_checkpoint(tmp_path / d / "last.pt")[1] for d in ("ddp", "one"))
     assert max(diff(a[k], b[k]) for k in a) < 1e-5
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_on_cuda_trains_a_tiny_stage_within_5_minutes_or_prints_every_stack(tmp_path):
+    argv = ["-X", "faulthandler", "train.py", "--data", gopro(tmp_path / "g"), "--out",
+            tmp_path / "o", "--preset", "tiny", "--iters", 2, 0, 0, "--compile", "--val-count", 0]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # a cold compile
+    run = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=env, text=True,
+                           stderr=subprocess.PIPE)
+    try:
+        err = run.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:  # SIGABRT: faulthandler prints every thread's stack
+        run.send_signal(signal.SIGABRT)
+        pytest.fail(f"--compile did not finish in 5 minutes:\n{run.communicate()[1][-8000:]}")
+    assert run.returncode == 0, err
 
 # sample.py ========================================================================================
 
@@ -976,12 +986,11 @@ def watch_items(monkeypatch, stop=None):
     return loaded
 
 @pytest.fixture(scope="module")
-def photo():
-    """A real photograph (a crop of KDE's "Evening Glow" by Ian Hex), (1, 3, 192, 256)."""
+def photo():  # a real photograph: a crop of KDE's "Evening Glow" by Ian Hex, (1, 3, 192, 256)
     return blurdm.read_image(ASSETS / "photo_crop.png")[None]
 
 @pytest.fixture(scope="module")
-def oracle():
+def oracle():  # the original code's outputs: assets/make_oracle.py
     return torch.load(ASSETS / "oracle.pt", weights_only=True)
 
 @pytest.fixture(scope="module")
