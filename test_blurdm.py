@@ -157,7 +157,7 @@ def test_an_untrained_deblurrer_is_the_identity(photo):
     out = BlurDM(BlurDMConfig.preset("tiny")).eval().deblur(photo)
     assert torch.allclose(out, photo, atol=1e-6)
 
-def test_mimo_unet_counts_its_fusion_of_all_scales_and_only_the_sharp_encoder_has_batchnorm():
+def test_backbones_match_mimo_unet_in_parameters_and_aff_and_only_se_has_batchnorm():
     assert n_params(BlurDM(BlurDMConfig.preset("paper", prior=False))) == 16_107_651  # MIMO-UNet+
     assert n_params(BlurDM(BlurDMConfig.preset("mimo-unet", prior=False))) == 6_807_171
     model, bn = BlurDM(BlurDMConfig.preset("paper")), torch.nn.BatchNorm2d
