@@ -81,8 +81,9 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits, problems = blurdm.find_pairs(args.data)
+    photos = next(iter(splits.values()))[0][0] is None  # no blurry image: sharp photographs
     say(f"data: {args.data}: " + ", ".join(f"{len(v)} {k} pairs" for k, v in splits.items())
-        + " of sharp photographs, blurred on the fly" * ([*splits.values()][0][0][0] is None))
+        + " of sharp photographs, blurred on the fly" * photos)
     for line in problems:
         say(f"warning: {line}")
     if args.eval_only:
@@ -122,6 +123,8 @@ def main(args):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     dataset = blurdm.PairDataset(pairs, recipe["crop"], args.blur_length, args.seed)
     per_rank = recipe["batch_size"] // world
+    if per_rank * world != recipe["batch_size"]:
+        raise ValueError(f"--batch {recipe['batch_size']} does not divide over {world} processes")
     workers = args.workers if args.workers is not None else 4 * (device.type == "cuda")
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k)
         first = state["step"] if state else 0
