@@ -50,7 +50,8 @@ p.add_argument("--lr", type=float, help="Adam's lr, a cosine decay to --lr-min i
 p.add_argument("--lr-min", type=float)
 p.add_argument("--seed", type=int, default=2023)
 p.add_argument("--blur-length", type=float, nargs=2, default=blurdm.BLUR_LENGTH, metavar="PX")
-p.add_argument("--workers", type=int, help="data processes (default: 4 on CUDA, 0 on a CPU)")
+p.add_argument("--workers", type=int, help="data processes (default: the cores, 8 at most, on "
+               "CUDA; 0 on a CPU)")
 p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
 p.add_argument("--compile", action="store_true", help="torch.compile the networks (torch >= 2.2)")
@@ -125,7 +126,8 @@ def main(args):
     per_rank = recipe["batch_size"] // world
     if per_rank * world != recipe["batch_size"]:
         raise ValueError(f"--batch {recipe['batch_size']} does not divide over {world} processes")
-    workers = args.workers if args.workers is not None else 4 * (device.type == "cuda")
+    cores = os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # this process's share
+    workers = args.workers if args.workers is not None else min(8, cores) * (device.type == "cuda")
     for stage in stages:  # sample k of step s is a function of (seed, stage, s, k)
         first = state["step"] if state else 0
         items = ((stage, s, k) for s in range(first, steps[stage - 1])
