@@ -175,9 +175,9 @@ def train_stage(model, stage, loader, state, run):
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step, n, loss_sum = step + 1, n + 1, loss_sum + loss.detach().float()
-        stopping = bool(run.stop)
-        if run.world > 1:  # every rank stops at the same step
-            flag = torch.tensor(float(stopping), device=run.device)
+        stopping = bool(run.stop) and run.world == 1
+        if run.world > 1 and (step % run.args.log_every == 0 or step == total):  # ranks agree
+            flag = torch.tensor(float(bool(run.stop)), device=run.device)  # on a step they share
             dist.all_reduce(flag)
             stopping = flag.item() > 0
         save = step % run.args.save_every == 0 or step == total or stopping
