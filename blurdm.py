@@ -540,7 +540,7 @@ class BlurDM(nn.Module):
                              f"{x.dtype} {tuple(blurry.shape)} (or NaN, or outside [0, 1])")
         self.eval()
         H, W = x.shape[-2:]
-        x = pad_to(x.to(next(self.parameters())), 8)  # MIMO-UNet needs multiples of 4, BE of 4
+        x = pad_to(x.to(next(self.parameters())), 8)  # MIMO-UNet and BE need 4 (official: 8)
         if prior is None and self.cfg.prior:
             prior = self.sharp_prior(x, self.start_noise(len(x), seed))
         out = self.run_deblurrer(x, prior)[-1][..., :H, :W]
@@ -676,6 +676,9 @@ def safe_load(path):
 def read_checkpoint(path):
     """A checkpoint of any known kind -> (BlurDMConfig, weights in our names, the file's dict)."""
     checkpoint = safe_load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") == "blurdm" and not {
+            "config", "model"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a checkpoint (no dict of config and weights)")
     if checkpoint.get("format") != "blurdm":
         return (*convert_foreign(Path(path), checkpoint), checkpoint)
     stored = dict(checkpoint["config"])
@@ -862,11 +865,12 @@ def find_pairs(root):
     if used:  # pairs: say what is left out (GoPro's blur_gamma/ and HIDE's GT/ apart)
         left += [p for key, p in images.items()
                  if p not in used and not {"blur_gamma", "GT"} & set(key.split("/"))]
-    for key, path in images.items() if not used else ():  # photographs, blurred on the fly
-        add(key.split("/")[:-1], (None, str(path)))
-    if not splits:
-        raise ValueError(f"{root}: no images, nor blurry/sharp pairs, found")
+    if not used:  # photographs, blurred on the fly
+        for key, path in images.items():
+            add(key.split("/")[:-1], (None, str(path)))
     problems = [f"{root}: {len(left)} images in no pair, left out ({left[0]}, ...)"] if left else []
+    if not splits:
+        raise ValueError(f"{root}: no images, nor blurry/sharp pairs, found {problems}")
     return splits, problems
 
 # 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes -------
@@ -945,9 +949,10 @@ def load_pair(blur_path, sharp_path, min_size=1):
     """(blur or None, sharp) as uint8 (3, H, W) of one size, min_size at least."""
     sharp = to_uint8(read_image(sharp_path))
     blur = to_uint8(read_image(blur_path)) if blur_path else None
-    if blur is not None and blur.shape != sharp.shape or min(sharp.shape[1:]) < min_size:
-        raise ValueError(f"{blur_path or sharp_path}: {tuple(sharp.shape[1:])} and its pair's "
-                         f"sizes differ, or are under {min_size} px")
+    if blur is not None and blur.shape != sharp.shape:
+        raise ValueError(f"{blur_path}: {tuple(blur.shape)}, its sharp image {tuple(sharp.shape)}")
+    if min(sharp.shape[1:]) < min_size:
+        raise ValueError(f"{sharp_path}: smaller than the {min_size} px crop")
     return blur, sharp
 
 @functools.lru_cache(maxsize=None)

@@ -5,14 +5,14 @@
     python sample.py blurry.png --ckpt MIMO-UNetPlus.pkl  # MIMO-UNet(+) or official BlurDM weights
     python sample.py huge.jpg --tile 1024                 # tiles sharing one prior; 0: never
 
-The checkpoint defines the model (the demo weights unless --ckpt). To score against ground truth,
-use train.py --eval-only.
+The checkpoint defines the model (default: the demo weights). train.py --eval-only scores.
 """
 
 import argparse
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -51,6 +51,9 @@ def jobs(inputs, out):
             folder = src.parent if out is None else Path(out) / src.parent.relative_to(
                 spec if spec.is_dir() else src.parent)
             found.append((src, folder / f"{src.stem}{blurdm.DEBLURRED_TAG}.png"))
+    twice = [dst for dst, n in Counter(dst for _, dst in found).items() if n > 1]
+    if twice:  # a.png and a.jpg, or a.png in two folders given one -o
+        raise ValueError(f"{twice[0]}: the output of two inputs; rename one, or use -o folders")
     if out and Path(out).suffix.lower() in blurdm.IMAGE_SUFFIXES:  # -o FILE
         if len(found) != 1:
             raise ValueError(f"-o {out}: a file name, but {len(found)} inputs; give a folder")

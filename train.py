@@ -92,9 +92,9 @@ def main(args):
     if "train" not in splits:
         raise ValueError(f"{args.data}: no training split, only {', '.join(splits)}")
     pairs = splits["train"]
-    val_pairs = splits.get("test") or (pairs[::10] if args.val_count else [])  # or a tenth
-    pairs = [p for p in pairs if p not in val_pairs] or pairs
+    val_pairs = splits.get("test") or pairs[::10]  # no test split: held out from the training
     val_pairs = val_pairs[::math.ceil(len(val_pairs) / args.val_count)] if args.val_count else []
+    pairs = [p for p in pairs if p not in set(val_pairs)] or pairs
     val_images = [*blurdm.validation_images(val_pairs, args.val_crop, args.seed, args.blur_length)]
     if val_images:
         say(f"validation: {len(val_images)} images, the blurry input scores "
@@ -135,7 +135,7 @@ def main(args):
         loader = DataLoader(dataset, per_rank, sampler=items, num_workers=workers,
                             worker_init_fn=ignore_signals, pin_memory=device.type == "cuda")
         if train_stage(model, stage, loader, state, run):
-            return 128 + run.stop[0]
+            return 128 + (run.stop or [signal.SIGTERM])[0]  # a rank told by the others: SIGTERM
         state = None
     last = max(s for s in (1, 2, 3) if steps[s - 1])
     say(f"done in {timedelta(seconds=round(time.time() - run.started))}: {out}/stage{last}.pt")
@@ -150,8 +150,9 @@ def train_stage(model, stage, loader, state, run):
     scaler = (torch.amp.GradScaler("cuda", enabled=fp16) if hasattr(torch.amp, "GradScaler")
               else torch.cuda.amp.GradScaler(enabled=fp16))
     parts = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    for key, part in parts.items() if state else ():
-        part.load_state_dict(state[key])
+    if state:
+        for key, part in parts.items():
+            part.load_state_dict(state[key])
     step = state["step"] if state else 0
     forward = model
     if run.world > 1:
@@ -176,12 +177,13 @@ def train_stage(model, stage, loader, state, run):
         scheduler.step()
         step, n, loss_sum = step + 1, n + 1, loss_sum + loss.detach().float()
         stopping = bool(run.stop) and run.world == 1
-        if run.world > 1 and (step % run.args.log_every == 0 or step == total):  # ranks agree
-            flag = torch.tensor(float(bool(run.stop)), device=run.device)  # on a step they share
-            dist.all_reduce(flag)
-            stopping = flag.item() > 0
+        if run.world > 1 and (step % 10 == 0 or step % run.args.save_every == 0 or step == total):
+            stats = torch.stack([loss_sum, torch.tensor(float(bool(run.stop)), device=run.device)])
+            dist.all_reduce(stats)  # every 10 steps (torchrun waits 30 s after a SIGTERM): the
+            loss_sum, stopping = stats[0] / run.world, bool(stats[1] > 0)  # same loss and stop
         save = step % run.args.save_every == 0 or step == total or stopping
-        log = step in (1, total) or step % run.args.log_every == 0 or time.time() - logged > 60
+        log = run.rank == 0 and (step in (1, total) or step % run.args.log_every == 0
+                                 or time.time() - logged > 60)
         validate = run.rank == 0 and run.val_images and (step % run.args.val_every == 0
                                                          or step == total)
         if not (save or log or validate):
@@ -190,7 +192,7 @@ def train_stage(model, stage, loader, state, run):
         if not math.isfinite(loss_value):  # before the bad step reaches a checkpoint
             raise ValueError(f"loss is {loss_value} at stage {stage} step {step}; stopped, the "
                              "last checkpoint is kept (a lower --lr, or --amp bf16 for fp16)")
-        if log and run.rank == 0:
+        if log:
             ms, pace = 1000 * (time.time() - t0), (time.time() - started) / (step - first)
             left = [round(pace * (total - step)), round(pace * sum(run.settings["steps"][stage:]))]
             run.say(f"stage {stage} step {step}/{total} | loss {loss_value:.4f} | lr {lr:.1e} | "
@@ -202,8 +204,8 @@ def train_stage(model, stage, loader, state, run):
             model.set_stage(stage)  # back to this stage's training modes
             run.say(f"val stage {stage} step {step} | PSNR {psnr:.2f} dB | SSIM {ssim:.4f}"
                     + " | prior SE(blur, sharp)" * (model.cfg.prior and stage == 1), flush=True)
-        for name in ["last.pt", *[f"stage{stage}.pt"] * (step == total)] if save else []:
-            if run.rank == 0:
+        if save and run.rank == 0:
+            for name in ["last.pt", *[f"stage{stage}.pt"] * (step == total)]:
                 blurdm.save_checkpoint(run.out / name, model, settings=run.settings, stage=stage,
                                        step=step, **{k: v.state_dict() for k, v in parts.items()})
         if stopping:
@@ -240,7 +242,10 @@ def where_to_start(run):
     if not args.init:
         cfg = blurdm.BlurDMConfig.preset(args.preset, prior=not args.no_prior)
         return blurdm.BlurDM(cfg), stages, None
-    cfg, weights, _ = blurdm.read_checkpoint(args.init)
+    cfg, weights, checkpoint = blurdm.read_checkpoint(args.init)
+    if cfg.prior and checkpoint.get("stage", 3) < stages[0] - 1:  # its later networks untrained
+        raise ValueError(f"{args.init}: a stage-{checkpoint['stage']} checkpoint; stage "
+                         f"{stages[0]} starts from stage {stages[0] - 1}'s")
     new_prior = not cfg.prior and not args.no_prior  # a published backbone gains a prior
     if args.no_prior and cfg.prior or new_prior and stages[0] > 1:
         raise ValueError(f"{args.init}: " + ("trained with a prior, not for --no-prior" if cfg.prior
@@ -270,7 +275,9 @@ def evaluate_test_split(args, splits, device, out, say):
     mean = np.mean([r[1:] for r in rows], 0) if rows else [math.nan] * 2
     say(f"mean of {len(rows)}: PSNR {mean[0]:.2f} dB (uint8 RGB, whole image) | 3-D SSIM "
         f"{mean[1]:.4f} | {out / 'scores.csv'}")
-    return 1 if len(rows) < len(pairs) else 0  # an image could not be read
+    if len(rows) < len(pairs):
+        raise ValueError(f"{len(pairs) - len(rows)} test images could not be read (warnings above)")
+    return 0
 
 def request_stop(run, signum):
     """Ctrl-C or SIGTERM: finish the step, save, exit; a second Ctrl-C aborts at once."""
@@ -285,8 +292,16 @@ def ignore_signals(worker_id=None):  # data workers: the main process alone deci
         signal.signal(signum, signal.SIG_IGN)
 
 def cli(argv=None):
-    """The entry point: one `error:` line (from rank 0) and exit code 1 for any failure."""
+    """The entry point: one `error:` line and exit code 1 for any failure."""
     args = p.parse_args(argv)
+    crop, every = args.crop or 4, min(args.val_every, args.save_every, args.log_every)
+    ok = {"--iters": min(args.iters or [0]) >= 0, "--crop": crop > 0 and crop % 4 == 0,
+          "--blur-length": 0 <= args.blur_length[0] <= args.blur_length[1],
+          "--batch": (args.batch or 1) > 0, "--val-count": args.val_count >= 0,
+          "--val-every, --save-every, --log-every": every > 0}
+    for flag, fine in ok.items():
+        if not fine:
+            p.error(f"{flag}: out of range (the sizes and periods >= 1, the crop a multiple of 4)")
     try:
         try:
             return main(args)
@@ -298,8 +313,10 @@ def cli(argv=None):
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # data, checkpoints, settings, files: the message names the file
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train.py: error: {blurdm.error_line(err)}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", 0))  # before the processes meet, all would say the same
+        if rank == 0 or dist.is_initialized():
+            print(f"train.py: error: {f'rank {rank}: ' * bool(rank)}{blurdm.error_line(err)}",
+                  file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
