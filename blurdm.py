@@ -838,10 +838,11 @@ def find_pairs(root):
         (f for f in reversed(folders) if f in ("train", "test")), "train"), []).append(pair)
     lists = sorted(root.glob("RealBlur_*_*_list.txt"))[:2]  # RealBlur-J where both are
     for list_file in lists:
+        split = ["test" if "_test_" in list_file.name else "train"]
         for line in filter(str.strip, list_file.read_text().splitlines()):
             gt, blur = (root / name for name in line.split()[:2])
             if blur.is_file() and gt.is_file():
-                add(list_file.stem.split("_")[2:3], (str(blur), str(gt)))
+                add(split, (str(blur), str(gt)))
             else:
                 left.append(blur)
     images = {} if lists else {p.relative_to(root).with_suffix("").as_posix(): p
@@ -865,12 +866,13 @@ def find_pairs(root):
     if used:  # pairs: say what is left out (GoPro's blur_gamma/ and HIDE's GT/ apart)
         left += [p for key, p in images.items()
                  if p not in used and not {"blur_gamma", "GT"} & set(key.split("/"))]
-    if not used:  # photographs, blurred on the fly
+    else:  # photographs, blurred on the fly
         for key, path in images.items():
             add(key.split("/")[:-1], (None, str(path)))
     problems = [f"{root}: {len(left)} images in no pair, left out ({left[0]}, ...)"] if left else []
     if not splits:
-        raise ValueError(f"{root}: no images, nor blurry/sharp pairs, found {problems}")
+        raise ValueError(f"{root}: no images, nor blurry/sharp pairs" + "".join(f"; {p}"
+                                                                         for p in problems))
     return splits, problems
 
 # 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes -------
