@@ -93,7 +93,7 @@ PRESETS = {
                  encoder_blocks=1),  # for tests
 }
 
-# 2. Blur formation (METHOD.md §1) -----------------------------------------------------------------
+# 2. Blur formation (METHOD.md §1) ----------------------------------------------------------------
 # A camera integrates light while its shutter is open. This pixel renderer is the physics the
 # diffusion copies: the tests check Eq. (1.1) and (2.1) on its images, and the training blur of
 # photographs (Part II) is its exposure integral along a random camera path.
@@ -136,7 +136,7 @@ def render_exposures(sharp, path, alpha):
     """Blur formation (METHOD.md §1): every exposure B_t and blur residual e_t of sharp sRGB images
     (n, 3, h, w) in [0, 1], moved along a camera path (N, 4) whose sub-frame k lights the time
     [k, k + 1) · α_T / N. Returns B and e, each (T + 1, n, 3, h, w), in linear light:
-        B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ,   e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ   (e[0] = 0)
+        B[t] = (1/α_t) ∫_0^{α_t} H(τ) dτ,  e[t] = ∫_{α_{t-1}}^{α_t} H(τ) dτ  (e[0] = 0)
     exact for the piecewise-constant radiance H: a sub-frame cut by a window weighs its overlap."""
     alpha = torch.as_tensor(alpha, dtype=torch.float64)
     N = path.shape[0]
@@ -154,7 +154,7 @@ def render_exposures(sharp, path, alpha):
     B, e = integrate_light(srgb_to_linear(sharp), theta, weights).split(len(alpha))
     return B / alpha.to(sharp).view(-1, 1, 1, 1, 1), e
 
-# 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape --------------------------------------
+# 3. Blur diffusion (METHOD.md §2-3), on tensors of any shape -------------------------------------
 
 def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper"):
     """α_0..α_T, β_0..β_T (β_0 = 0) and β̄_0..β̄_T, in float64."""
@@ -173,12 +173,12 @@ def blur_schedule(T, alpha_start, alpha_end, beta_start, beta_end, rule="paper")
 class BlurDiffusion(nn.Module):
     """Dual noise and blur diffusion (forward, q_*), dual denoising and deblurring (reverse, p_*).
 
-    The latent model uses q_sample at t = T for its start point x_T = Z^B + β̄_T ε and p_sample_loop
-    for the chain. Latent vectors have no exposures, so nothing calls q_step on them and the
-    estimators never see a true e_t or ε: they learn from the chain's result (stage 2). Where the
-    abstract says the reverse process starts from "pure Gaussian noise conditioned on the blurred
-    image", the code starts where the forward chain ends, Eq. (2.2) at t = T: the blurred latent
-    plus β̄_T ε (β̄_T = 0.026 with the paper's schedule), conditioned on c = Z^B."""
+    The latent model uses q_sample at t = T for its start point x_T = Z^B + β̄_T ε and
+    p_sample_loop for the chain. Latent vectors have no exposures, so nothing calls q_step on them
+    and the estimators never see a true e_t or ε: they learn from the chain's result (stage 2).
+    Where the abstract says the reverse process starts from "pure Gaussian noise conditioned on the
+    blurred image", the code starts where the forward chain ends, Eq. (2.2) at t = T: the blurred
+    latent plus β̄_T ε (β̄_T = 0.026 with the paper's schedule), conditioned on c = Z^B."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -201,11 +201,11 @@ class BlurDiffusion(nn.Module):
         return B_t + self.beta_bar[t] * eps  # Eq. (2.2)
 
     def p_sample(self, x_t, t, e_hat, eps_hat):
-        """One reverse step, deterministic (no fresh noise), in two terms: deblur, (α_t I_t - ê_t) /
-        α_{t-1} takes the step's blur residual out of the exposure; denoise, the second term takes
-        out the noise that β̄ shed between t and t - 1. The official code special-cases t = 1 as
-        (α_1 I_1 - ê_1)/α_0: that is this line, since β_1 = 0 makes β̄_1 = 0 under either β̄ rule.
-        """
+        """One reverse step, deterministic (no fresh noise), in two terms: deblur,
+        (α_t I_t - ê_t) / α_{t-1} takes the step's blur residual out of the exposure; denoise,
+        the second term takes out the noise that β̄ shed between t and t - 1. The official code
+        special-cases t = 1 as (α_1 I_1 - ê_1)/α_0: that is this line, since β_1 = 0 makes
+        β̄_1 = 0 under either β̄ rule."""
         a, bb = self.alpha, self.beta_bar
         noise_coefficient = a[t] * bb[t] / a[t - 1] - bb[t - 1]
         return (a[t] * x_t - e_hat) / a[t - 1] - noise_coefficient * eps_hat  # Eq. (3.1)
@@ -219,7 +219,7 @@ class BlurDiffusion(nn.Module):
             x_t = self.p_sample(x_t, t, e_hat, eps_hat)
         return x_t
 
-# 4. Latent prior networks (METHOD.md §4) ----------------------------------------------------------
+# 4. Latent prior networks (METHOD.md §4) ---------------------------------------------------------
 
 class EncoderBlock(nn.Module):
     def __init__(self, channels, batch_norm):
@@ -255,8 +255,8 @@ class LatentEncoder(nn.Module):
         return self.head(self.blocks(self.stem(h)))  # (B, latent_dim)
 
 class ResidualEstimator(nn.Module):
-    """The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form: an
-    MLP on concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only
+    """The blur residual estimator (ê_t) and the noise residual estimator (ε̂_t) share this form:
+    an MLP on concat[c, t/T, x_t], LeakyReLU after every layer (the last included), t/T the only
     embedding of time (as the official code)."""
 
     def __init__(self, cfg):
@@ -408,7 +408,7 @@ class MIMOUNet(nn.Module):
         out1 = self.to_image[2](z) + x
         return [out4, out2, out1]
 
-# 6. BlurDM: the prior on a deblurrer, three training stages, losses (METHOD.md §4-5) --------------
+# 6. BlurDM: the prior on a deblurrer, three training stages, losses (METHOD.md §4-5) -------------
 
 def charbonnier(x, y, eps):
     return torch.sqrt((x - y) ** 2 + eps ** 2).mean()
@@ -417,8 +417,8 @@ def spectrum(x):
     return torch.view_as_real(torch.fft.rfft2(x))  # 2-D real FFT, real and imaginary parts stacked
 
 def deblur_loss(outputs, sharp, cfg):
-    """The deblurring loss, Eq. (5.2): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s), C
-    the Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size,
+    """The deblurring loss, Eq. (5.2): Σ_s C(out_s, sharp_s) + 0.1 Σ_s C(FFT out_s, FFT sharp_s),
+    C the Charbonnier distance, sharp_s the bilinear downscale of the target to each output's size,
     FFT the 2-D real FFT (official: a 1-D FFT along the height; MIMO-UNet: L1 on the 2-D FFT).
     outputs: a list of scales; sharp in [0, 1]."""
     content = frequency = 0.0
@@ -596,7 +596,7 @@ def deblur_tiled(model, blurry, tile=1536, overlap=64, seed=INFERENCE_SEED):
                 ..., y0 - top:y1 - top, x0 - left:x1 - left]
     return out[..., :H, :W].reshape(blurry.shape)
 
-# 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop ----------------------
+# 8. Metrics (METHOD.md §6): on uint8-rounded RGB, full image, no border crop ---------------------
 
 def to_uint8(x):
     """[0, 1] float -> uint8, rounded: what a saved PNG holds and what the paper's metrics see."""
@@ -875,7 +875,7 @@ def find_pairs(root):
                                                                          for p in problems))
     return splits, problems
 
-# 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes -------
+# 11. Training samples: photographs blurred as GoPro was made (METHOD.md §7), crops, recipes ------
 
 # the training recipe of each preset (train.py's defaults; bench.py times the same batch and crop):
 # crop, global batch, Adam's lr with a cosine decay to lr_min, epochs per stage

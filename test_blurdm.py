@@ -35,7 +35,7 @@ FAST = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--workers", "0", "-
         "--log-every", "1", "--device", "cpu", "--amp", "fp32"]  # values compared: CPU, fp32
 
 # Part I, the method, in METHOD.md's order =========================================================
-# §1 blur formation --------------------------------------------------------------------------------
+# §1 blur formation -------------------------------------------------------------------------------
 
 def test_exposures_accumulate_blur_residuals_exactly():
     alpha, B, e = exposure_sequence(torch.rand(2, 3, 24, 32, generator=seeded(1)))
@@ -66,7 +66,7 @@ def test_blur_removes_high_frequency_energy_and_grows_with_exposure(photo):
     assert energy[5] < 0.5 * high_frequency_energy(blurdm.srgb_to_linear(photo.double())).item()
     assert energy[5] < energy[0]  # B_0 (half the path) is already mildly blurred, B_T more so
 
-# §2 forward process: the schedule, the closed form ------------------------------------------------
+# §2 forward process: the schedule, the closed form -----------------------------------------------
 
 def test_schedule_alpha_runs_1_to_2_and_beta_bar_follows_the_per_step_rule():
     d = blurdm.BlurDiffusion(BlurDMConfig())
@@ -105,7 +105,7 @@ def test_chain_ends_at_blurred_plus_noise():
     B_T, eps = torch.rand(3, 5), torch.randn(3, 5)
     assert torch.allclose(d.q_sample(B_T, 5, eps), B_T + 0.025661 * eps, atol=1e-6)
 
-# §3 reverse process -------------------------------------------------------------------------------
+# §3 reverse process ------------------------------------------------------------------------------
 
 def test_timesteps_are_1_to_T_and_the_chain_visits_T_down_to_1():
     d = blurdm.BlurDiffusion(BlurDMConfig())
@@ -142,7 +142,7 @@ def test_one_reverse_step_inverts_one_forward_step(photo):
         back = d.p_sample(x_t, t, e[t], eps)
         assert torch.allclose(back, d.q_sample(B[t - 1], t - 1, eps), atol=1e-6)  # float32 α
 
-# §4 latent BlurDM: encoders, estimators, prior fusion, MIMO-UNet, any backbone --------------------
+# §4 latent BlurDM: encoders, estimators, prior fusion, MIMO-UNet, any backbone -------------------
 
 def test_paper_preset_parameter_counts_match_the_official_code():
     model = BlurDM(BlurDMConfig.preset("paper"))
@@ -204,7 +204,7 @@ def test_the_prior_plugs_into_a_foreign_backbone_and_trains_through_the_three_st
     loaded = blurdm.load_model(tmp_path / "foreign.pt", deblurrer=ForeignBackbone(cfg.latent_dim))
     assert torch.equal(loaded.deblur(blurry), model.deblur(blurry))
 
-# §5 training: the three stages and their losses ---------------------------------------------------
+# §5 training: the three stages and their losses --------------------------------------------------
 
 def test_each_stage_trains_only_its_own_parts():
     model = tiny()
