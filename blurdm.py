@@ -972,10 +972,10 @@ class PairDataset(Dataset):
 
     def __getitem__(self, item):
         g, c = torch.Generator().manual_seed(hash((self.seed, *item))), self.crop
-        start = torch.randint(len(self.pairs), (), generator=g).item()
-        for pair in self.pairs[start:] + self.pairs[:start]:
+        start, n = torch.randint(len(self.pairs), (), generator=g).item(), len(self.pairs)
+        for i in range(start, start + n):  # a pair that cannot be used: the next one
             try:
-                blur, sharp = load_pair(*pair, min_size=c)
+                blur, sharp = load_pair(*self.pairs[i % n], min_size=c)
                 break
             except (ValueError, OSError) as err:
                 warn(f"{err}; skipped")
